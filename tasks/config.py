@@ -1,0 +1,354 @@
+"""The pipeline's one typed configuration: a section per stage, presets as YAML under data/presets.
+
+Loading order: preset YAML, then the user's YAML file, then `--set section.key=value` overrides.
+Every error names the key, what is wrong with it and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS = ("smoke", "cpu", "gpu")
+# Stage order of the whole pipeline; STAGES in flows/pipeline.py lists the ones that exist so far.
+ALL_STAGES = ("corpus", "tokenizer", "pairs", "teacher", "cache", "distilbert", "albert", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the configuration."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# run: settings shared by every stage
+# ---------------------------------------------------------------------------------------------
+class RunConfig(Section):
+    seed: int = 42
+    experiment: str = "lightbert"
+    num_proc: int = Field(0, ge=0, description="worker processes for datasets.map; 0 = all cores (max 8)")
+    cache_dir: str | None = Field(
+        None, description="download cache for sources; default $LIGHTBERT_CACHE or ~/.cache/lightbert"
+    )
+    progress: bool = True
+
+    def resolved_num_proc(self) -> int:
+        return self.num_proc or max(1, min(os.cpu_count() or 1, 8))
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("LIGHTBERT_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "lightbert"
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus
+# ---------------------------------------------------------------------------------------------
+class SourceSpec(Section):
+    """One corpus source. Exactly one of name / path / url / hf is set.
+
+    A plain string in YAML is shorthand for {name: ...} (an embedded source of data/sources.yaml).
+    """
+
+    name: str | None = Field(None, description="embedded source, see data/sources.yaml")
+    path: str | None = Field(None, description="local file or folder (.txt, .jsonl, .parquet, .xml.bz2)")
+    url: str | None = Field(None, description="http(s) URL of a file in one of the local formats")
+    sha256: str | None = Field(None, description="expected sha256 of the downloaded file (url only)")
+    hf: str | None = Field(None, description="Hugging Face datasets id (needs a hub)")
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    format: Literal["auto", "txt", "jsonl", "parquet", "wikixml"] = "auto"
+    txt_documents: Literal["blank_line", "file", "line"] = Field(
+        "blank_line",
+        description="how a .txt file is cut into documents: at blank lines (BERT's convention), "
+        "one document per file, or one per line",
+    )
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceSpec:
+        kinds = [k for k in ("name", "path", "url", "hf") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"a source needs exactly one of name, path, url or hf (got {kinds or 'none'}); "
+                "e.g. {name: enwiki-sample} or {path: /data/texts} or {url: https://...}"
+            )
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if self.sha256 is not None:
+            s = self.sha256.lower()
+            if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+                raise ValueError("sha256 must be 64 hexadecimal characters")
+            self.__dict__["sha256"] = s
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name used for per-source statistics."""
+        return self.name or self.hf or self.url or Path(self.path or "").name or str(self.path)
+
+
+class CorpusConfig(Section):
+    sources: list[SourceSpec] = Field(
+        default_factory=lambda: [SourceSpec(name="enwiki-sample"), SourceSpec(name="bbc-news")]
+    )
+    language: str = Field("en", description="ISO code for the sentence splitter (sentencex)")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    min_sentence_chars: int = Field(2, ge=1)
+    min_document_sentences: int = Field(2, ge=1, description="shorter documents are dropped")
+    max_documents: int | None = Field(None, ge=1, description="cap on documents kept, after dedupe")
+    dedupe: bool = True
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if not v:
+            raise ValueError("at least one source is needed, e.g. sources: [enwiki-sample]")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8000, ge=64)
+    lowercase: bool = True
+    strip_accents: bool | None = Field(None, description="None: strip when lowercasing, as BERT does")
+    split_cjk_chars: bool = Field(True, description="each CJK character its own token, as BERT-Chinese")
+    min_frequency: int = Field(2, ge=1)
+    limit_alphabet: int = Field(1000, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+# ---------------------------------------------------------------------------------------------
+class PairsConfig(Section):
+    max_seq_len: int = Field(128, ge=16)
+    short_seq_prob: float = Field(0.1, ge=0.0, le=1.0)
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    mask_token_prob: float = Field(0.8, ge=0.0, le=1.0, description="of the chosen: -> [MASK]")
+    random_token_prob: float = Field(0.1, ge=0.0, le=1.0, description="of the chosen: -> random token")
+    max_predictions_per_seq: int | None = Field(
+        None, ge=1, description="cap on masked positions; None = ceil(max_seq_len * mask_prob)"
+    )
+    whole_word_mask: bool = False
+    dupe_factor: int = Field(5, ge=1, description="copies of the data with different masks")
+    nsp_random_prob: float = Field(0.5, gt=0.0, lt=1.0, description="share of NSP pairs with a random B")
+    sop_swap_prob: float = Field(0.5, gt=0.0, lt=1.0, description="share of SOP pairs swapped")
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> PairsConfig:
+        if self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ValueError(
+                "mask_token_prob + random_token_prob must be at most 1 (the rest stays unchanged); "
+                "BERT uses 0.8 and 0.1"
+            )
+        return self
+
+    def resolved_max_predictions(self) -> int:
+        import math
+
+        return self.max_predictions_per_seq or math.ceil(self.max_seq_len * self.mask_prob)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher (the stage comes with the teacher issue; its shape is needed now for validation, and a
+# pretrained teacher's tokenizer replaces tokenizer training)
+# ---------------------------------------------------------------------------------------------
+class TeacherConfig(Section):
+    pretrained: str | None = Field(
+        None, description="path or hub id of a BERT checkpoint with an MLM head; None = pretrain here"
+    )
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(1024, ge=8)
+    max_position_embeddings: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TeacherConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class PipelineConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> PipelineConfig:
+        if self.pairs.max_seq_len > self.teacher.max_position_embeddings:
+            raise ValueError(
+                f"pairs.max_seq_len ({self.pairs.max_seq_len}) is above the model's position "
+                f"embeddings (teacher.max_position_embeddings = {self.teacher.max_position_embeddings}); "
+                "lower pairs.max_seq_len or raise teacher.max_position_embeddings"
+            )
+        return self
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The JSON-ready dict of one section (what a stage's cache key is made of)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("data.presets").joinpath(f"{name}.yaml")))
+
+
+def default_preset() -> str:
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (corpus:, pairs:, ...)")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set pairs.max_seq_len=64")
+    dotted, raw = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if len(keys) < 2:
+        raise ConfigError(f"--set {item!r}: name a section and a key, e.g. --set tokenizer.vocab_size=4000")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that `loc` (minus its last part) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        current = nested[0]
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _known_keys(PipelineConfig, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            elsewhere = [f"{name}.{loc[-1]}" for name, f in PipelineConfig.model_fields.items()
+                         if isinstance(f.annotation, type) and str(loc[-1]) in f.annotation.model_fields]
+            fix = f"did you mean '{hint[0]}'? " if hint else (
+                f"It belongs under {' or '.join(elsewhere)}. " if elsewhere else "")
+            lines.append(f"{dotted}: unknown key. {fix}Known keys here: {', '.join(known)}")
+        elif kind in ("int_parsing", "int_type", "float_parsing", "float_type", "bool_parsing", "bool_type",
+                      "string_type", "int_from_float", "list_type", "dict_type", "model_type"):
+            got = err.get("input")
+            lines.append(f"{dotted}: {err['msg'].lower()}, got {got!r} ({type(got).__name__}); "
+                         f"set it to a value of the right type")
+        elif kind == "literal_error":
+            lines.append(f"{dotted}: {err['msg']}, got {err.get('input')!r}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = f" (got {got!r})" if kind.startswith(("greater", "less")) else ""
+            lines.append(f"{dotted}: {msg}{shown}" if loc else f"{msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate_config(data: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[PipelineConfig, str]:
+    """Resolve preset + file + overrides into a validated configuration; returns it and the preset."""
+    preset = preset or default_preset()
+    data = _read_yaml(preset_path(preset))
+    if config_file is not None:
+        data = _deep_merge(data, _read_yaml(Path(config_file)))
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+    return validate_config(data), preset
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,304 @@
+"""Stage bookkeeping: cache keys, manifests, verification and the move into place.
+
+A stage writes one directory `<workdir>/<stage>/` holding its outputs and `manifest.json`. It is built
+under `<workdir>/.partial/` and moved into place only when complete, so a crash or a `kill -9` can
+never leave a directory that passes for finished. Its cache key is the stage's configuration + the
+output fingerprints of its upstream stages + a hash of its code; a finished stage is reused only when
+the key matches and every file still matches the manifest's sha256.
+
+Nothing here knows about Prefect or MLflow: flows/ wraps `run_stage` in a task and logs the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tasks.artifacts import atomic_write_json, hash_tree, replace_dir, sha256_json, verify_tree
+from tasks.config import ConfigError, PipelineConfig
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+PARTIAL = ".partial"
+T = TypeVar("T")
+
+
+class StageError(RuntimeError):
+    """A stage could not produce its output; the message says why and what to do."""
+
+
+@dataclass
+class StageReport:
+    """What a stage's build function returns; it all goes into the manifest."""
+
+    counts: dict[str, float] = field(default_factory=dict)  # logged as metrics
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # what went in, with fingerprints
+    datasets: list[str] = field(default_factory=list)  # relative paths of Arrow datasets written
+    artifacts: list[str] = field(default_factory=list)  # relative paths of small files worth copying
+    details: dict[str, Any] = field(default_factory=dict)  # anything else (per-source statistics...)
+
+
+@dataclass
+class StageContext:
+    """What a build function may use besides its configuration."""
+
+    name: str
+    out_dir: Path  # write every output here (a temporary directory, moved into place at the end)
+    scratch_dir: Path  # temporary files that are not outputs (datasets.map cache files...); deleted after
+    upstream: dict[str, StageRecord]
+    config: PipelineConfig
+    resuming: bool = False  # out_dir holds what an interrupted attempt with the same key left
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+    @property
+    def num_proc(self) -> int:
+        return self.config.run.resolved_num_proc()
+
+    def upstream_dir(self, name: str) -> Path:
+        return self.upstream[name].dir
+
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+        from tqdm.auto import tqdm
+
+        yield from tqdm(iterable, desc=f"{self.name}: {desc}", total=total, unit=unit,
+                        disable=not self.config.run.progress, mininterval=1.0, leave=False)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    build: Callable[[PipelineConfig, StageContext], StageReport]
+    upstream: tuple[str, ...] = ()
+    # The part of the configuration that decides the output; default: the section named like the stage.
+    key_config: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    # Helper modules whose code also decides the output (the build function's own module always does).
+    code_modules: tuple[str, ...] = ()
+    # True when the build function can continue from what an interrupted attempt left in out_dir.
+    resumable: bool = False
+
+    def config_for_key(self, cfg: PipelineConfig) -> dict[str, Any]:
+        if self.key_config is not None:
+            return self.key_config(cfg)
+        return {self.name: cfg.section(self.name)}
+
+
+@dataclass
+class StageRecord:
+    """A finished stage: where it is, its manifest, and whether this run reused it."""
+
+    name: str
+    dir: Path
+    manifest: dict[str, Any]
+    cached: bool
+    reason: str  # why it was recomputed, or "up to date"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["output_fingerprint"]
+
+
+# ------------------------------------------------------------------------------------------------
+# code version
+# ------------------------------------------------------------------------------------------------
+@cache
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (informational, not the key)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("lightbert")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    repo = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{ver}+g{out.stdout.strip()}"
+    return ver
+
+
+def code_fingerprint(spec: StageSpec) -> str:
+    modules = [spec.build.__module__, *spec.code_modules]
+    sources = {}
+    for name in sorted(set(modules)):
+        module = sys.modules.get(name) or importlib.import_module(name)
+        sources[name] = inspect.getsource(module)
+    return sha256_json(sources)
+
+
+def cache_key_parts(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> dict[str, Any]:
+    return {
+        "stage": spec.name,
+        "config": spec.config_for_key(cfg),
+        "upstream": {name: upstream[name].fingerprint for name in spec.upstream},
+        "code": code_fingerprint(spec),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# reading and checking a finished stage
+# ------------------------------------------------------------------------------------------------
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _diff_config(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff_config(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_stage(stage_dir: Path, parts: dict[str, Any], verify: bool = True) -> tuple[bool, str]:
+    """(reusable?, reason). Reusable only if the key matches and the files match the manifest."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return False, "no finished output" if not stage_dir.exists() else "manifest missing or unreadable"
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        return False, "manifest written by another lightbert version"
+    old = manifest.get("key_parts", {})
+    if manifest.get("cache_key") != sha256_json(parts):
+        changes = _diff_config(old.get("config"), parts["config"])
+        if changes:
+            shown = "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "")
+            return False, f"config changed ({shown})"
+        if old.get("upstream") != parts["upstream"]:
+            changed = [k for k in parts["upstream"] if old.get("upstream", {}).get(k) != parts["upstream"][k]]
+            return False, f"upstream changed ({', '.join(changed) or 'stages'})"
+        if old.get("code") != parts["code"]:
+            return False, "code changed"
+        return False, "cache key changed"
+    if verify:
+        problem = verify_tree(stage_dir, manifest.get("files", {}))
+        if problem:
+            return False, f"output no longer matches its manifest: {problem}"
+    return True, "up to date"
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_stage(
+    spec: StageSpec,
+    cfg: PipelineConfig,
+    workdir: Path,
+    upstream: dict[str, StageRecord],
+    producer: dict[str, Any] | None = None,
+    force: bool = False,
+) -> StageRecord:
+    """Reuse the stage's finished output when it is valid for this key, else build it afresh.
+
+    `producer` (e.g. {"mlflow_run_id": ...}) is stored in a new manifest so a later reuse can name
+    the run that made the output.
+    """
+    missing = [u for u in spec.upstream if u not in upstream]
+    if missing:
+        raise StageError(f"stage {spec.name} needs {', '.join(missing)} first")
+    workdir = Path(workdir)
+    final = workdir / spec.name
+    parts = cache_key_parts(spec, cfg, upstream)
+    key = sha256_json(parts)
+
+    reusable, reason = (False, "forced") if force else check_stage(final, parts)
+    if reusable:
+        return StageRecord(spec.name, final, read_manifest(final) or {}, cached=True, reason=reason)
+
+    partial_root = workdir / PARTIAL
+    out_dir = partial_root / f"{spec.name}-{key[:16]}"
+    scratch = partial_root / f"{spec.name}-{key[:16]}.scratch"
+    resuming = spec.resumable and out_dir.is_dir() and any(out_dir.iterdir())
+    # Leftovers of this stage under another key can never be finished: drop them.
+    if partial_root.is_dir():
+        for old in partial_root.glob(f"{spec.name}-*"):
+            if old not in (out_dir, scratch) or (old == out_dir and not resuming):
+                shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming)
+    started_at, t0 = _now(), time.perf_counter()
+    try:
+        report = spec.build(cfg, ctx)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+
+    files = hash_tree(out_dir, exclude=(MANIFEST,))
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "stage": spec.name,
+        "cache_key": key,
+        "key_parts": parts,
+        "config": parts["config"],
+        "upstream": {name: {"fingerprint": upstream[name].fingerprint, "dir": str(upstream[name].dir)}
+                     for name in spec.upstream},
+        "code_version": code_version(),
+        "inputs": report.inputs,
+        "counts": report.counts,
+        "timings": {"started": started_at, "finished": _now(), "seconds": round(seconds, 3)},
+        "files": files,
+        "output_fingerprint": sha256_json(files),
+        "datasets": report.datasets,
+        "artifacts": report.artifacts,
+        "details": report.details,
+        "produced_by": producer or {},
+        "resumed": resuming,
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    replace_dir(out_dir, final)
+    with contextlib.suppress(OSError):
+        partial_root.rmdir()  # only when empty
+    return StageRecord(spec.name, final, manifest, cached=False, reason=reason)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """One pipeline run per workdir at a time; a second one gets a clear error, not a corrupt dir."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock_path = workdir / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(
+                f"another lightbert run (pid {holder}) is using {workdir}; wait for it to finish "
+                "or pass another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
