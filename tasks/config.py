@@ -352,3 +352,12 @@ def load_config(
 
 def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved_config(cfg: PipelineConfig, workdir: Path) -> Path:
+    """Write the configuration a run actually used to <workdir>/config.yaml."""
+    from tasks.artifacts import atomic_write_text
+
+    path = Path(workdir) / "config.yaml"
+    atomic_write_text(path, dump_config(cfg))
+    return path

@@ -62,6 +62,12 @@ class StageContext:
     upstream: dict[str, StageRecord]
     config: PipelineConfig
     resuming: bool = False  # out_dir holds what an interrupted attempt with the same key left
+    # Metrics while the stage runs (training curves); the flow points this at MLflow.
+    metrics_sink: Callable[[dict[str, float], int | None], None] | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.metrics_sink is not None:
+            self.metrics_sink(metrics, step)
 
     @property
     def seed(self) -> int:
@@ -215,6 +221,7 @@ def run_stage(
     upstream: dict[str, StageRecord],
     producer: dict[str, Any] | None = None,
     force: bool = False,
+    metrics_sink: Callable[[dict[str, float], int | None], None] | None = None,
 ) -> StageRecord:
     """Reuse the stage's finished output when it is valid for this key, else build it afresh.
 
@@ -246,7 +253,7 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
 
-    ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming)
+    ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming, metrics_sink=metrics_sink)
     started_at, t0 = _now(), time.perf_counter()
     try:
         report = spec.build(cfg, ctx)

@@ -1,0 +1,30 @@
+"""The Prefect flow: stage after stage, each tracked in MLflow under one parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows import tracking
+from flows.stages import SPECS, run_tracked_stage, stages_until
+from tasks.config import save_resolved_config, validate_config
+from tasks.stage import StageRecord, workdir_lock
+
+
+@flow(name="lightbert-pipeline")
+def lightbert_pipeline(config: dict[str, Any], workdir: str, until: str | None = None,
+                       tracking_uri: str | None = None, preset: str = "custom") -> dict[str, str]:
+    """Run (or reuse) every stage up to `until`; returns {stage: output directory}."""
+    cfg = validate_config(config)
+    wd = Path(workdir).resolve()
+    records: dict[str, StageRecord] = {}
+    with workdir_lock(wd), tracking.pipeline_run(cfg, wd, preset, until, tracking_uri) as parent_run_id:
+        save_resolved_config(cfg, wd)
+        for stage in stages_until(until):
+            upstream = {name: records[name] for name in SPECS[stage].upstream}
+            # return_state: a reused stage ends in a "Cached" state, which a plain call would hand back as is.
+            state = run_tracked_stage(stage, cfg, wd, upstream, parent_run_id, return_state=True)
+            records[stage] = state.result()
+    return {name: str(record.dir) for name, record in records.items()}

@@ -1,0 +1,52 @@
+"""The stages the pipeline knows, in order, and the one Prefect task that runs any of them tracked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from flows import tracking
+from tasks import corpus, pairs, tokenizer
+from tasks.config import PipelineConfig
+from tasks.stage import StageRecord, StageSpec, run_stage
+
+# Pipeline order. The teacher, cache, distilbert, albert and evaluate stages join as they are built.
+SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE)}
+STAGES: tuple[str, ...] = tuple(SPECS)
+
+
+def stages_until(until: str | None) -> list[str]:
+    if until is None:
+        return list(STAGES)
+    if until not in SPECS:
+        raise ValueError(f"unknown stage {until!r} for --until; choose one of: {', '.join(STAGES)}")
+    return list(STAGES[: STAGES.index(until) + 1])
+
+
+def summary_line(record: StageRecord) -> str:
+    counts = record.manifest.get("counts", {})
+    shown = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.4g}"
+                      for k, v in list(counts.items())[:4] if isinstance(v, int | float))
+    seconds = record.manifest.get("timings", {}).get("seconds", 0.0)
+    if record.cached:
+        return f"{record.name:<10} cached   (built earlier in {seconds:.1f}s) {shown}"
+    return f"{record.name:<10} built in {seconds:.1f}s ({record.reason}) {shown}"
+
+
+# Caching is the stage's own (tasks/stage.py): Prefect's result cache cannot tell whether the files
+# a task wrote still exist and match, so every call re-checks the manifest against the files.
+@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: dict[str, StageRecord],
+                      parent_run_id: str):
+    spec = SPECS[stage]
+    with tracking.stage_run(stage, parent_run_id) as run_id:
+        record = run_stage(spec, cfg, workdir, upstream, producer={"mlflow_run_id": run_id},
+                           metrics_sink=tracking.log_metrics)
+        tracking.log_stage(record, {name: upstream[name] for name in spec.upstream})
+    get_run_logger().info(summary_line(record))
+    if record.cached:
+        return Completed(data=record, name="Cached", message=f"reused {record.dir}")
+    return record

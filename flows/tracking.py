@@ -1,0 +1,167 @@
+"""MLflow bookkeeping: one parent run per pipeline run, one nested run per stage.
+
+Stages know nothing of MLflow; this module turns a finished StageRecord (its manifest) into params,
+metrics, tags, small artifacts and dataset inputs. Large outputs are referenced by path and
+fingerprint, never copied into the artifact store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig, dump_config
+from tasks.stage import StageRecord, code_version
+
+PARAM_BATCH = 100
+PARAM_MAX_LEN = 6000
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def _mlflow():
+    # Imported late: MLflow's import costs seconds, and `lightbert --help` should not pay it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    return mlflow
+
+
+def setup_tracking(tracking_uri: str, experiment: str, workdir: Path) -> str:
+    """Point MLflow at the store; create the experiment (artifacts under the workdir) if needed."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:"):
+            # The default would be ./mlruns of whatever directory the user ran from.
+            location = (Path(workdir).resolve() / "mlruns").as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """{"pairs": {"max_seq_len": 128}} -> {"pairs.max_seq_len": "128"} (lists kept as JSON)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = obj if isinstance(obj, str) else json.dumps(obj, default=str)
+        out[prefix.rstrip(".")] = text[:PARAM_MAX_LEN]
+    return out
+
+
+def _log_params(params: dict[str, str]) -> None:
+    mlflow = _mlflow()
+    items = list(params.items())
+    for i in range(0, len(items), PARAM_BATCH):
+        mlflow.log_params(dict(items[i : i + PARAM_BATCH]))
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: PipelineConfig, workdir: Path, preset: str, until: str | None,
+                 tracking_uri: str | None) -> Iterator[str]:
+    """The parent run of one pipeline run; yields its run id."""
+    mlflow = _mlflow()
+    uri = tracking_uri or default_tracking_uri(workdir)
+    setup_tracking(uri, cfg.run.experiment, workdir)
+    name = f"pipeline-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags({
+            "lightbert.kind": "pipeline",
+            "lightbert.preset": preset,
+            "lightbert.until": until or "all",
+            "lightbert.workdir": str(Path(workdir).resolve()),
+            "lightbert.code_version": code_version(),
+        })
+        _log_params(flatten(cfg.model_dump(mode="json")))
+        mlflow.log_text(dump_config(cfg), "config.yaml")
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, parent_run_id: str) -> Iterator[str]:
+    """A nested run for one stage; marked FAILED by MLflow if the block raises."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+        mlflow.set_tag("lightbert.stage", stage)
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def _dataset_fingerprint(manifest: dict[str, Any], rel: str) -> str:
+    """Fingerprint of one dataset directory of a stage, from the manifest's file hashes."""
+    from tasks.artifacts import sha256_json
+
+    prefix = rel.rstrip("/") + "/"
+    files = {k: v for k, v in manifest.get("files", {}).items() if k.startswith(prefix)}
+    return sha256_json(files)
+
+
+def _log_datasets(record: StageRecord, context: str) -> None:
+    mlflow = _mlflow()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for rel in record.manifest.get("datasets", []):
+        path = (record.dir / rel).resolve()
+        with warnings.catch_warnings():  # "file:" matches two equivalent registered source classes
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(path.as_uri())
+        dataset = MetaDataset(
+            source=source,
+            name=f"{record.name}/{rel}",
+            digest=_dataset_fingerprint(record.manifest, rel)[:16],
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def log_stage(record: StageRecord, upstream: dict[str, StageRecord]) -> None:
+    """Everything a stage run shows in the UI, for a built stage and a reused one alike."""
+    mlflow = _mlflow()
+    manifest = record.manifest
+    produced_by = manifest.get("produced_by", {}).get("mlflow_run_id", "")
+    mlflow.set_tags({
+        "lightbert.cached": str(record.cached).lower(),
+        "lightbert.reason": record.reason[:5000],
+        "lightbert.output_dir": str(record.dir),
+        "lightbert.output_fingerprint": record.fingerprint,
+        "lightbert.cache_key": manifest.get("cache_key", ""),
+        "lightbert.code_version": manifest.get("code_version", ""),
+        "lightbert.produced_by_run": produced_by,
+    })
+    if record.cached:
+        mlflow.set_tag("mlflow.note.content",
+                       f"Reused from the cache: the output in {record.dir} was produced by run "
+                       f"{produced_by or '(unknown)'} and still matches its manifest.")
+    _log_params(flatten(manifest.get("config", {})))
+    seconds = float(manifest.get("timings", {}).get("seconds", 0.0))
+    metrics = {k: float(v) for k, v in manifest.get("counts", {}).items() if isinstance(v, int | float)}
+    metrics["stage_seconds"] = seconds
+    metrics["cached"] = float(record.cached)
+    log_metrics(metrics)
+    for up in upstream.values():
+        _log_datasets(up, context="input")
+    _log_datasets(record, context="output")
+    mlflow.log_artifact(str(record.dir / "manifest.json"))
+    for rel in manifest.get("artifacts", []):
+        path = record.dir / rel
+        if path.is_file():
+            parent = str(Path("outputs") / Path(rel).parent) if Path(rel).parent != Path(".") else "outputs"
+            mlflow.log_artifact(str(path), artifact_path=parent)
