@@ -1,0 +1,75 @@
+"""Configuration: presets load, overrides apply, and bad input gets a message naming key and fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tasks.config import PRESETS, ConfigError, load_config, save_resolved_config
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_validates(preset):
+    cfg, name = load_config(preset)
+    assert name == preset
+    assert cfg.pairs.max_seq_len <= cfg.teacher.max_position_embeddings
+
+
+def test_gpu_preset_teacher_has_bert_base_shape():
+    cfg, _ = load_config("gpu")
+    t = cfg.teacher
+    assert (t.num_layers, t.hidden_size, t.num_heads, t.intermediate_size) == (12, 768, 12, 3072)
+
+
+def test_file_then_overrides_are_merged_over_the_preset(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text(yaml.safe_dump({"pairs": {"dupe_factor": 7}, "tokenizer": {"vocab_size": 3000}}))
+    cfg, _ = load_config("smoke", f, ["tokenizer.vocab_size=4000", "corpus.sources=[bbc-news]"])
+    assert cfg.pairs.dupe_factor == 7  # from the file
+    assert cfg.tokenizer.vocab_size == 4000  # --set wins over the file
+    assert cfg.pairs.max_seq_len == 64  # untouched preset value
+    assert [s.name for s in cfg.corpus.sources] == ["bbc-news"]
+
+
+def _error(*overrides, preset="smoke", config=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, config, list(overrides))
+    return str(info.value)
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    msg = _error("pairs.max_seq_length=64")
+    assert "pairs.max_seq_length: unknown key" in msg
+    assert "did you mean 'max_seq_len'" in msg
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    msg = _error("corpus.vocab_size=100")
+    assert "corpus.vocab_size" in msg and "tokenizer.vocab_size" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    msg = _error("pairs.max_seq_len=long")
+    assert "pairs.max_seq_len" in msg and "'long'" in msg and "integer" in msg
+
+
+def test_impossible_values_are_refused():
+    msg = _error("pairs.max_seq_len=1024", preset="cpu")
+    assert "pairs.max_seq_len (1024)" in msg and "teacher.max_position_embeddings" in msg
+    assert "pairs.mask_prob" in _error("pairs.mask_prob=1.5")
+    assert "hidden_size" in _error("teacher.num_heads=3")
+    assert "exactly one of name, path, url or hf" in _error("corpus.sources=[{path: a, url: 'http://x'}]")
+    assert "at least one source" in _error("corpus.sources=[]")
+
+
+def test_bad_preset_file_and_override_syntax():
+    assert "unknown preset 'huge'" in _error(preset="huge")
+    assert "section.key=value" in _error("pairs.max_seq_len")
+    assert "does not exist" in _error(config="/nonexistent/lightbert.yaml")
+
+
+def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
+    cfg, _ = load_config("smoke", overrides=["pairs.dupe_factor=3"])
+    path = save_resolved_config(cfg, tmp_path)
+    again, _ = load_config("cpu", path)  # a saved config fully determines the run, whatever the preset
+    assert again == cfg
