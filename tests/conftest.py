@@ -33,3 +33,43 @@ def workdir(tmp_path: Path) -> Path:
     d = tmp_path / "work"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A real (temporary, local) Prefect server for the flow tests, with its own PREFECT_HOME."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+WORDS = (
+    "river mountain city council market player season album film company government school "
+    "music energy water science history island bridge engine garden station village winter "
+    "summer doctor teacher writer painter soldier farmer student museum library church castle "
+    "forest ocean desert valley harbour railway airport factory hospital theatre stadium"
+).split()
+VERBS = "built opened won lost found wrote painted crossed visited joined left studied".split()
+
+
+def write_text_corpus(folder: Path, documents: int = 60, seed: int = 0) -> Path:
+    """Documents of varied pseudo-English sentences, one .txt file each (the tests' own text)."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        sentences = []
+        for _ in range(rng.randint(4, 12)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            words.insert(rng.randint(1, len(words)), rng.choice(VERBS))
+            sentences.append(f"The {' '.join(words)} in {1800 + rng.randint(0, 220)}.")
+        (folder / f"doc{d:04d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    return write_text_corpus(tmp_path / "corpus-src")
