@@ -1,0 +1,68 @@
+"""Test helpers: a tiny corpus-stage-shaped output (train/ and validation/ Arrow datasets) and the
+stage record that downstream stages receive for it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datasets import Dataset, Features, List, Value
+
+from tasks.artifacts import hash_tree, sha256_json
+from tasks.stage import StageRecord
+
+# A small hand-written lexicon: common words, suffixes that WordPiece splits off, an accented word
+# (café) and CJK text, so the tokenizer tests see all three.
+WORDS = (
+    "the a of and to in is was for on that with as by at from it his her their this river city "
+    "council station music film player team season school church village report market company "
+    "government minister director century island bridge mountain railway museum festival album "
+    "building buildings played playing plays founded founding northern southern eastern western "
+    "historical history historian national international café naïve "
+).split()
+CORPUS_FEATURES = Features({"id": Value("string"), "source": Value("string"), "title": Value("string"),
+                            "sentences": List(Value("string"))})
+CJK = ("東京", "大学", "日本語", "学校", "北京")
+# Made-up words from syllables give the vocabulary trainer enough distinct words to fill a vocabulary.
+SYLLABLES = "ka ri to ne sa mu lo ve di pan tor mel shi gra bun fe ol ast ix que".split()
+
+
+def synthetic_word(rng: random.Random) -> str:
+    if rng.random() < 0.6:
+        return rng.choice(WORDS)
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+
+
+def synthetic_sentence(rng: random.Random) -> str:
+    words = [synthetic_word(rng) for _ in range(rng.randint(5, 14))]
+    if rng.random() < 0.1:
+        words.insert(rng.randrange(len(words)), rng.choice(CJK))
+    return " ".join(words).capitalize() + rng.choice(".!?")
+
+
+def synthetic_documents(n_docs: int, seed: int = 0, min_sentences: int = 2, max_sentences: int = 12,
+                        prefix: str = "doc") -> dict[str, list]:
+    """Columns of a corpus split: id, source, title, sentences (list[str])."""
+    rng = random.Random(seed)
+    sentences = [[synthetic_sentence(rng) for _ in range(rng.randint(min_sentences, max_sentences))]
+                 for _ in range(n_docs)]
+    return {
+        "id": [f"{prefix}-{i}" for i in range(n_docs)],
+        "source": ["synthetic"] * n_docs,
+        "title": [f"Document {i}" for i in range(n_docs)],
+        "sentences": sentences,
+    }
+
+
+def write_corpus(root: Path, train: dict[str, list], validation: dict[str, list]) -> StageRecord:
+    """Save the two splits as the corpus stage does and return its StageRecord."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, columns in (("train", train), ("validation", validation)):
+        Dataset.from_dict(columns, features=CORPUS_FEATURES).save_to_disk(str(root / name))
+    manifest = {"output_fingerprint": sha256_json(hash_tree(root))}
+    return StageRecord(name="corpus", dir=root, manifest=manifest, cached=False, reason="test corpus")
+
+
+def synthetic_corpus(root: Path, n_train: int = 200, n_validation: int = 40, seed: int = 0, **kw) -> StageRecord:
+    return write_corpus(root, synthetic_documents(n_train, seed, prefix="train", **kw),
+                        synthetic_documents(n_validation, seed + 1, prefix="val", **kw))
