@@ -66,31 +66,12 @@ def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
 
     with _datasets_progress(cfg.run.progress):
         raw = _read_sources(sources, ctx.scratch_dir, run_fp)
-        processed = raw.map(
-            _process_batch, batched=True, batch_size=MAP_BATCH_SIZE,
-            num_proc=ctx.num_proc if ctx.num_proc > 1 and len(raw) > MAP_BATCH_SIZE else None,
-            fn_kwargs={"language": c.language, "min_sentence_chars": c.min_sentence_chars},
-            features=PROCESSED_FEATURES, remove_columns=["text", "markup"],
-            cache_file_name=str(ctx.scratch_dir / "processed.arrow"), new_fingerprint=f"{run_fp}-processed",
-            desc="corpus: cleaning and splitting documents",
-        )
-        # Re-wrapped (same Arrow table, no copy) so that the saved metadata does not depend on num_proc
-        # (several workers leave split=None, one leaves "train") nor describe the intermediate dataset.
-        processed = Dataset(processed.data, info=DatasetInfo(features=PROCESSED_FEATURES),
-                            fingerprint=f"{run_fp}-processed")
+        processed = _clean_documents(raw, cfg, ctx, run_fp)
         splits, per_source = _select_documents(processed, sources, cfg, ctx)
         if not any(indices for indices, _ in splits.values()):
             raise StageError(_empty_corpus_message(per_source, sources, cfg))
         for split, (indices, ids_digest) in splits.items():
-            # The saved fingerprint comes from the content (ids in order) and the configuration, not
-            # from where the inputs live, so two runs on the same input write byte-identical files.
-            fp = sha256_json({"split": split, "ids": ids_digest, "corpus": cfg.section("corpus")})[:32]
-            subset = processed.select(indices, indices_cache_file_name=str(ctx.scratch_dir / f"{split}-rows.arrow"),
-                                      new_fingerprint=f"{fp}-rows")
-            # An empty split needs num_shards=1: datasets would write no shard at all, and then cannot
-            # load it back (an empty validation split is normal with validation_fraction=0).
-            subset.select_columns(COLUMNS, new_fingerprint=fp).save_to_disk(
-                str(ctx.out_dir / split), num_shards=None if indices else 1)
+            _save_split(processed, split, indices, ids_digest, cfg, ctx)
         train_idx, validation_idx = splits["train"][0], splits["validation"][0]
         sample = processed.select((train_idx or validation_idx)[:SAMPLE_DOCUMENTS], keep_in_memory=True)
 
@@ -138,6 +119,47 @@ def _read_sources(sources: list[ResolvedSource], scratch: Path, run_fp: str) -> 
         if isinstance(exc.__cause__, StageError):
             raise exc.__cause__ from None
         raise
+
+
+def _clean_documents(raw: Dataset, cfg: PipelineConfig, ctx: StageContext, run_fp: str) -> Dataset:
+    """Markup removal, normalisation and sentence splitting in parallel; rows stay in reading order."""
+    workers = ctx.num_proc if ctx.num_proc > 1 and len(raw) > MAP_BATCH_SIZE else 1
+    order = None
+    if workers > 1:
+        # datasets gives each worker a contiguous block of rows, and sources differ in cost (parsing
+        # wiki markup is ~50x the work of plain text per character): striping the rows across the
+        # workers balances them. The permutation is undone below.
+        order = _striped_order(len(raw), workers)
+        raw = raw.select(order, indices_cache_file_name=str(ctx.scratch_dir / "striped.arrow"),
+                         new_fingerprint=f"{run_fp}-striped")
+    processed = raw.map(
+        _process_batch, batched=True, batch_size=MAP_BATCH_SIZE, num_proc=workers if workers > 1 else None,
+        fn_kwargs={"language": cfg.corpus.language, "min_sentence_chars": cfg.corpus.min_sentence_chars},
+        features=PROCESSED_FEATURES, remove_columns=["text", "markup"],
+        cache_file_name=str(ctx.scratch_dir / "processed.arrow"), new_fingerprint=f"{run_fp}-processed",
+        desc="corpus: cleaning and splitting documents",
+    )
+    # Re-wrapped (same Arrow table, no copy) so that the saved metadata does not depend on num_proc
+    # (several workers leave split=None, one leaves "train") nor describe the intermediate dataset.
+    processed = Dataset(processed.data, info=DatasetInfo(features=PROCESSED_FEATURES),
+                        fingerprint=f"{run_fp}-processed")
+    if order is None:
+        return processed
+    return processed.select(_inverse(order), new_fingerprint=f"{run_fp}-reading-order",
+                            indices_cache_file_name=str(ctx.scratch_dir / "reading-order.arrow"))
+
+
+def _striped_order(n: int, workers: int) -> list[int]:
+    """Rows 0, w, 2w, ..., then 1, w+1, ...: each of the w contiguous blocks datasets hands out
+    gets every w-th document."""
+    return [i for k in range(workers) for i in range(k, n, workers)]
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, row in enumerate(order):
+        inverse[row] = position
+    return inverse
 
 
 def _process_batch(batch: dict[str, list], language: str, min_sentence_chars: int) -> dict[str, list]:
@@ -195,6 +217,19 @@ def _select_documents(processed: Dataset, sources: list[ResolvedSource], cfg: Pi
             row += 1
     return {"train": (train, digests["train"].hexdigest()),
             "validation": (validation, digests["validation"].hexdigest())}, per_source
+
+
+def _save_split(processed: Dataset, split: str, indices: list[int], ids_digest: str, cfg: PipelineConfig,
+                ctx: StageContext) -> None:
+    # The saved fingerprint comes from the content (ids in order) and the configuration, not from
+    # where the inputs live, so two runs on the same input write byte-identical files.
+    fp = sha256_json({"split": split, "ids": ids_digest, "corpus": cfg.section("corpus")})[:32]
+    rows = processed.select(indices, indices_cache_file_name=str(ctx.scratch_dir / f"{split}-rows.arrow"),
+                            new_fingerprint=f"{fp}-rows")
+    # An empty split needs num_shards=1: datasets would write no shard at all, and then cannot load it
+    # back (an empty validation split is normal with validation_fraction=0).
+    rows.select_columns(COLUMNS, new_fingerprint=fp).save_to_disk(str(ctx.out_dir / split),
+                                                                  num_shards=None if indices else 1)
 
 
 def _empty_corpus_message(per_source: dict[str, dict[str, int]], sources: list[ResolvedSource],
