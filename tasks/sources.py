@@ -63,9 +63,13 @@ class ResolvedSource:
     files_skipped: int = 0  # unsupported extensions in a folder
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's record of this input."""
+        """The manifest's record of this input; `fingerprint` is the one value that identifies the data
+        read (sha256 of the fetched member, archive or download; a stat hash for local files; None for
+        a hub dataset, which cannot be pinned here)."""
+        fp = self.fingerprint
+        primary = fp.get("member_sha256") or fp.get("archive_sha256") or fp.get("sha256") or fp.get("stat_sha256")
         return {"label": self.label, "kind": self.kind, "location": self.location, "format": self.format,
-                "files": len(self.files), "files_skipped": self.files_skipped, **self.fingerprint}
+                "files": len(self.files), "files_skipped": self.files_skipped, "fingerprint": primary, **fp}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,13 +148,13 @@ def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_at
             src.files = files
         src.fingerprint = {"stat_sha256": sha256_json(local_input_stats(spec, index))}
     elif spec.url:
+        if src.format == "auto" and detect_format(Path(urllib.parse.urlparse(spec.url).path)) is None:
+            raise ConfigError(f"corpus.sources[{index}].url: cannot tell the format of {spec.url} from its "
+                              f"name; set corpus.sources[{index}].format (txt, jsonl, parquet or wikixml)")
         path, digest = download_url(spec.url, cache_dir, spec.sha256, attempts=download_attempts,
                                     backoff_s=download_backoff_s)
         src.kind, src.location, src.files = "url", spec.url, [path]
         src.fingerprint = {"sha256": digest, "cached_file": str(path)}
-        if src.format == "auto" and detect_format(Path(urllib.parse.urlparse(spec.url).path)) is None:
-            raise ConfigError(f"corpus.sources[{index}].url: cannot tell the format of {spec.url} from its "
-                              f"name; set corpus.sources[{index}].format (txt, jsonl, parquet or wikixml)")
     else:
         src.kind, src.location, src.format = "hf", spec.hf or "", "hf"
         options.update(hf_config=spec.hf_config, split=spec.split)

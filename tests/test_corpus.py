@@ -119,6 +119,7 @@ def test_stage_output_layout_schema_and_counts(corpus_config, workdir: Path, tmp
     assert json.loads((rec.dir / "stats.json").read_text())["per_source"] == per_source
     assert "# (no title)  [source: texts" in (rec.dir / "sample.txt").read_text(encoding="utf-8")
     assert [i["kind"] for i in rec.manifest["inputs"]] == ["path", "path"]
+    assert all(len(i["fingerprint"]) == 64 for i in rec.manifest["inputs"])
     assert not (tmp_path / "cache").exists()  # local sources need no download cache
 
 
