@@ -32,8 +32,8 @@ _DROPPED_SECTIONS = frozenset({
 # Behaviour switches such as __NOTOC__ are plain Text nodes to the parser.
 _MAGIC_WORD = re.compile(r"__[A-Z]+__")
 
-# Control characters (Unicode category Cc) are removed; tab and carriage return become spaces and the
-# line/paragraph separators become newlines, so that they still separate words and paragraphs.
+# Control characters (Unicode category Cc) are removed; a tab becomes a space, and carriage return, NEL
+# and the line/paragraph separators become newlines, so that they still separate words and paragraphs.
 _CONTROL_TABLE = {c: None for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}
 _CONTROL_TABLE.update({ord("\t"): " ", ord("\r"): "\n", ord("\n"): "\n", 0x85: "\n", 0x2028: "\n", 0x2029: "\n"})
 
