@@ -172,6 +172,34 @@ class PairsConfig(Section):
 # teacher (the stage comes with the teacher issue; its shape is needed now for validation, and a
 # pretrained teacher's tokenizer replaces tokenizer training)
 # ---------------------------------------------------------------------------------------------
+class TrainingConfig(Section):
+    """How a model is trained by tasks/engine.py (the teacher now, the students later)."""
+
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="examples per forward pass on one device")
+    effective_batch_size: int = Field(
+        32, ge=1, description="examples per optimizer step over all devices; a multiple of batch_size "
+        "(the rest is gradient accumulation)")
+    learning_rate: float = Field(1e-4, gt=0.0, description="peak, after linear warmup; then linear decay to 0")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW; not on biases and LayerNorm")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; None = off")
+    eval_every: int = Field(0, ge=0, description="steps between validation runs; 0 = only at the end")
+    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none")
+    log_every: int = Field(10, ge=1, description="steps between logged training metrics")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU, fp32 on a CPU")
+
+    @model_validator(mode="after")
+    def _whole_accumulation(self) -> TrainingConfig:
+        if self.effective_batch_size % self.batch_size:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of batch_size "
+                f"({self.batch_size}); e.g. effective_batch_size: {self.batch_size * 2}"
+            )
+        return self
+
+
 class TeacherConfig(Section):
     pretrained: str | None = Field(
         None, description="path or hub id of a BERT checkpoint with an MLM head; None = pretrain here"
@@ -181,6 +209,9 @@ class TeacherConfig(Section):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(1024, ge=8)
     max_position_embeddings: int = Field(512, ge=16)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="hidden and attention dropout")
+    train: TrainingConfig = Field(default_factory=TrainingConfig, description="pretraining (ignored "
+                                  "when pretrained is set)")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TeacherConfig:
