@@ -1,0 +1,419 @@
+"""The one training engine: the teacher uses it now, the DistilBERT and ALBERT students reuse it.
+
+It trains any `nn.Module` with a caller-supplied `loss_fn(model, batch) -> (loss, {term: value})`.
+
+Why a short explicit loop rather than `transformers.Trainer` + accelerate: what this project trains
+differs from a stock fine-tune in exactly the places Trainer hides. The losses are computed only at the
+labelled positions and, for the students, are several weighted terms against a teacher; every term has
+to reach the metrics sink. Checkpoints must load with `torch.load(weights_only=True)` and resume at the
+exact batch so an interrupted run ends with the same weights (Trainer pickles RNG states, and its resume
+re-iterates a dataloader). And the figure that tells whether a GPU is well used, MFU, needs the token
+count and the model's FLOPs per token. Overriding Trainer's `compute_loss`, `_save_checkpoint`, the
+sampler and the callbacks would leave less of Trainer than this file, spread over hooks a reader must
+learn first. What is not this project's idea still comes from libraries: the model (transformers),
+the data (datasets), AdamW / DDP / autocast / SDPA (torch), the schedule (transformers).
+
+Runtime: CUDA when available (bf16 autocast, TF32 matmuls, fused AdamW), else CPU (fp32, plain AdamW).
+Under `torchrun --nproc_per_node N` it runs torch DDP: every rank walks the same deterministic stream of
+micro-batches and takes every N-th one; only rank 0 logs, evaluates and writes checkpoints. A single
+process never touches torch.distributed.
+
+Data order is a pure function of (seed, epoch): shuffle, sort by length within large random chunks,
+cut into batches, shuffle the batches. A checkpoint stores the (epoch, micro-batch) position, so a
+resume regenerates the epoch's order and continues at the exact micro-batch.
+
+Gradient accumulation averages the micro-batch losses (nanoGPT's convention): it equals one big batch
+exactly when every micro-batch has the same number of loss positions, and closely otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from tasks.artifacts import atomic_output_file
+from tasks.config import TrainingConfig
+
+CHECKPOINT = "last.pt"
+CHUNK_BATCHES = 64  # batches per length-sorting chunk: long enough to bucket, short enough to stay random
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-6  # BERT's
+# Dense bf16 peak FLOP/s by device name (first match wins); an unknown device reports no MFU.
+GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                 ("A100", 312e12))
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+MetricsSink = Callable[[dict[str, float], int | None], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# runtime: device, precision, processes
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else "bf16"
+
+
+def setup_runtime(precision: str = "auto") -> Runtime:
+    """The device and processes this run has. Joins a torchrun process group when launched by one."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        distributed = True
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return Runtime(device, torch.bfloat16 if bf16 else None, rank, world, distributed)
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+def model_flops_per_token(model: nn.Module, seq_len: float) -> float:
+    """Training FLOPs per token: 6 N (forward + backward through every weight) plus attention scores
+    and values, 12 L H T (PaLM appendix B; nanoGPT's estimate_mfu)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", 0)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
+    return 6 * n_params + 12 * layers * hidden * seq_len
+
+
+# ------------------------------------------------------------------------------------------------
+# data: length-bucketed batches in an order that is a pure function of (seed, epoch)
+# ------------------------------------------------------------------------------------------------
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                            chunk_batches: int = CHUNK_BATCHES) -> list[np.ndarray]:
+    """Index arrays of one epoch's batches: shuffle, sort by length within chunks of chunk_batches
+    batches (little padding), cut into batches, shuffle the batches (no length order over time)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * chunk_batches
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def micro_batches(lengths: np.ndarray, batch_size: int, seed: int,
+                  start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """Endless (position after this batch, indices) from position (epoch, batch index) on."""
+    epoch, index = start
+    while True:
+        batches = length_bucketed_batches(lengths, batch_size, seed, epoch)
+        for i in range(index, len(batches)):
+            yield (epoch, i + 1), batches[i]
+        epoch, index = epoch + 1, 0
+
+
+@dataclass
+class PadCollator:
+    """Columns (as `Dataset.__getitem__(list)` returns them) -> padded tensors. List columns are padded
+    to the longest row (rounded up to pad_to_multiple_of) with pad_values[column] (default 0);
+    scalar columns become 1-d tensors. Label columns should pad with -100."""
+
+    columns: tuple[str, ...]
+    pad_values: dict[str, int] = field(default_factory=dict)
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: Mapping[str, list]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for name in self.columns:
+            values = rows[name]
+            if values and isinstance(values[0], list | tuple | np.ndarray):
+                width = max(len(v) for v in values)
+                width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+                out = np.full((len(values), width), self.pad_values.get(name, 0), dtype=np.int64)
+                for i, v in enumerate(values):
+                    out[i, :len(v)] = v
+                batch[name] = torch.from_numpy(out)
+            else:
+                batch[name] = torch.as_tensor(values, dtype=torch.long)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer and checkpoints
+# ------------------------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases and LayerNorm weights (1-d) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, **fused)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, as tensors and plain lists (loadable with weights_only)."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Written to a temporary file beside `path`, synced, then renamed: a kill leaves the old one."""
+    with atomic_output_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+class _LossModule(nn.Module):
+    """Puts the loss function inside a module's forward, so that DDP sees every forward whatever
+    submodules the loss function calls (e.g. the teacher's encoder and heads separately)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(self.model, batch)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int  # non-padding tokens, all ranks
+    train_seconds: float  # this process's training time (a resumed run counts only its own part)
+    tokens_per_s: float  # over train_seconds
+    resumed_from_step: int | None
+    final_losses: dict[str, float]  # training loss terms averaged over the last log window
+    eval_metrics: dict[str, float]  # eval_fn at the end (main process only)
+    runtime: Runtime
+
+
+def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(next(iter(batch.values())).numel())
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_data,
+    cfg: TrainingConfig,
+    collate: Callable[[Mapping[str, list]], dict[str, torch.Tensor]],
+    *,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    eval_fn: Callable[[nn.Module, Runtime], dict[str, float]] | None = None,
+    metrics_sink: MetricsSink | None = None,
+    runtime: Runtime | None = None,
+    length_column: str = "length",
+    progress: bool = False,
+) -> TrainResult:
+    """Train `model` on `train_data` (a datasets.Dataset with a length column) for cfg.max_steps
+    optimizer steps; resumes from checkpoint_dir/last.pt when it exists. eval_fn(model, runtime) runs
+    under no_grad and autocast every cfg.eval_every steps and at the end."""
+    rt = runtime or setup_runtime(cfg.precision)
+    per_step = cfg.batch_size * rt.world_size
+    if cfg.effective_batch_size % per_step:
+        raise ValueError(f"effective_batch_size {cfg.effective_batch_size} is not a multiple of batch_size "
+                         f"x processes ({cfg.batch_size} x {rt.world_size})")
+    accum = cfg.effective_batch_size // per_step
+    lengths = np.asarray(train_data[length_column])
+
+    random.seed(seed + rt.rank)
+    np.random.seed(seed + rt.rank)
+    torch.manual_seed(seed + rt.rank)
+    model.to(rt.device)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    step, position, tokens_seen, resumed_from = 0, (0, 0), 0, None
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if rt.distributed:
+        dist.barrier()  # rank 0 may still be preparing the directory the checkpoint lives in
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if rt.world_size == 1:
+            set_rng_state(state["rng"])
+        else:  # ranks drew different dropout masks; only rank 0's were saved, so reseed by step
+            torch.manual_seed(seed + rt.rank + 1_000_003 * state["step"])
+        step, position, tokens_seen = state["step"], tuple(state["position"]), state["tokens_seen"]
+        resumed_from = step
+
+    wrapped: nn.Module = _LossModule(model, loss_fn)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    def checkpoint() -> None:
+        if ckpt_path is None or not rt.is_main:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
+            "position": list(position), "tokens_seen": tokens_seen,
+            "effective_batch_size": cfg.effective_batch_size, "seed": seed,
+        })
+
+    def evaluate() -> dict[str, float]:
+        if eval_fn is None or not rt.is_main:
+            return {}
+        was_training = model.training
+        model.eval()
+        # fork_rng: evaluating must not change the random numbers training draws next (resume equality)
+        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), \
+                torch.no_grad(), rt.autocast():
+            metrics = eval_fn(model, rt)
+        model.train(was_training)
+        if metrics_sink is not None:
+            metrics_sink(metrics, step)
+        return metrics
+
+    peak = gpu_peak_flops(rt.device)
+    stream = micro_batches(lengths, cfg.batch_size, seed, position)
+    window: dict[str, torch.Tensor] = {}
+    window_steps = window_tokens = window_padded = window_rows = 0
+    window_time, train_time, run_tokens, final_losses = 0.0, 0.0, 0, {}
+    bar = None
+    if progress and rt.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, leave=False)
+
+    model.train()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        mine = []
+        for k in range(accum * rt.world_size):
+            position, idx = next(stream)
+            if k % rt.world_size == rt.rank:
+                mine.append(idx)
+        for j, idx in enumerate(mine):
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in collate(train_data[idx]).items()}
+            window_tokens += _count_tokens(batch)
+            window_padded += next(iter(batch.values())).numel()
+            window_rows += len(idx)
+            no_sync = rt.distributed and j < len(mine) - 1
+            with wrapped.no_sync() if no_sync else contextlib.nullcontext():
+                with rt.autocast():
+                    loss, terms = wrapped(batch)
+                (loss / accum).backward()
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                window[name] = window.get(name, 0.0) + torch.as_tensor(value).detach().float() / accum
+        if cfg.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            counts = torch.tensor([window_tokens, window_padded, window_rows], dtype=torch.float64,
+                                  device=rt.device)
+            names = sorted(window)
+            values = torch.stack([window[n].to(rt.device) for n in names]) / window_steps
+            if rt.distributed:
+                dist.all_reduce(counts)
+                dist.all_reduce(values)
+                values /= rt.world_size
+            counts_l, values_l = counts.tolist(), values.tolist()  # waits for the device
+            window_time += time.perf_counter() - t0
+            tokens_seen += int(counts_l[0])
+            run_tokens += int(counts_l[0])
+            final_losses = {f"train_{n}": v for n, v in zip(names, values_l, strict=True)}
+            metrics = dict(final_losses, learning_rate=scheduler.get_last_lr()[0],
+                           tokens_per_s=counts_l[0] / max(window_time, 1e-9))
+            if peak is not None:
+                seq_len = counts_l[1] / max(counts_l[2], 1)
+                flops = model_flops_per_token(model, seq_len) * metrics["tokens_per_s"]
+                metrics["mfu"] = flops / (peak * rt.world_size)
+            if rt.is_main and metrics_sink is not None:
+                metrics_sink(metrics, step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{final_losses['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            train_time += window_time
+            window, window_steps, window_tokens, window_padded, window_rows, window_time = {}, 0, 0, 0, 0, 0.0
+        else:
+            window_time += time.perf_counter() - t0
+
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            evaluate()
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            checkpoint()
+    if bar is not None:
+        bar.close()
+
+    eval_metrics = evaluate()
+    return TrainResult(
+        steps=step, tokens_seen=tokens_seen, train_seconds=train_time,
+        tokens_per_s=run_tokens / train_time if train_time else 0.0,
+        resumed_from_step=resumed_from, final_losses=final_losses, eval_metrics=eval_metrics, runtime=rt,
+    )

@@ -1,0 +1,257 @@
+"""Teacher stage: pretrain a BERT (masked LM + next sentence prediction) on the pairs, or take a
+pretrained checkpoint as is; either way evaluate it on the validation pairs and save it with its tokenizer.
+
+Output: `model/` (save_pretrained, safetensors, with the tokenizer of the tokenizer stage). Training
+checkpoints live in `checkpoints/` while the stage runs, so an interrupted stage resumes at its last
+checkpoint, and are dropped when it finishes.
+
+Several GPUs: `torchrun --nproc_per_node 8 -m tasks.teacher --workdir W --preset gpu` (see main()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, load_from_disk
+from transformers import AutoTokenizer, BertForPreTraining, PreTrainedTokenizerBase
+
+from models.bert import (
+    IGNORE_INDEX,
+    PRETRAINING_INPUTS,
+    bert_config,
+    build_bert_for_pretraining,
+    pretraining_forward,
+    pretraining_loss,
+)
+from tasks import engine
+from tasks.config import PipelineConfig
+from tasks.stage import StageContext, StageError, StageReport, StageSpec
+
+MODEL_DIR = "model"
+CHECKPOINTS = "checkpoints"
+
+
+def load_pairs(pairs_dir: Path, split: str) -> Dataset:
+    path = pairs_dir / split
+    if not path.is_dir():
+        raise StageError(f"{path} is missing: the pairs stage output is incomplete; rerun the pairs stage")
+    return load_from_disk(str(path)).select_columns([*PRETRAINING_INPUTS, "length"])
+
+
+def pretraining_collator(tok: PreTrainedTokenizerBase, pad_to_multiple_of: int = 1) -> engine.PadCollator:
+    return engine.PadCollator(PRETRAINING_INPUTS, {"input_ids": tok.pad_token_id, "labels": IGNORE_INDEX},
+                              pad_to_multiple_of)
+
+
+def most_frequent_label(ds: Dataset) -> int:
+    """The label token a predictor that ignores its input would always answer (fit on `ds`)."""
+    flat = pc.list_flatten(ds.data.table.column("labels"))
+    counts = pc.value_counts(flat.filter(pc.not_equal(flat, IGNORE_INDEX)))
+    if len(counts) == 0:
+        return -1
+    top = int(np.argmax(counts.field("counts").to_numpy()))
+    return int(counts.field("values")[top].as_py())
+
+
+def evaluate_pretraining(model: BertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
+                         rt: engine.Runtime, baseline_token: int | None = None) -> dict[str, float]:
+    """Held-out MLM accuracy and perplexity (exp of the mean cross-entropy over all masked tokens),
+    NSP accuracy; with baseline_token, the accuracy of always answering that token."""
+    totals = dict.fromkeys(("masked", "correct", "ce", "pairs", "nsp_correct", "baseline"), 0.0)
+    lengths = np.asarray(ds["length"])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for idx in engine.length_bucketed_batches(lengths, batch_size, seed=0, epoch=0):
+            batch = {k: v.to(rt.device) for k, v in collate(ds[idx]).items()}
+            out = pretraining_forward(model, batch)
+            totals["masked"] += out.mlm_labels.numel()
+            totals["correct"] += (out.mlm_logits.argmax(-1) == out.mlm_labels).sum().item()
+            totals["ce"] += F.cross_entropy(out.mlm_logits.float(), out.mlm_labels, reduction="sum").item()
+            if baseline_token is not None:
+                totals["baseline"] += (out.mlm_labels == baseline_token).sum().item()
+            totals["pairs"] += len(idx)
+            nsp = batch["next_sentence_label"]
+            totals["nsp_correct"] += (out.nsp_logits.argmax(-1) == nsp).sum().item()
+    model.train(was_training)
+    masked = max(totals["masked"], 1.0)
+    metrics = {
+        "val_mlm_accuracy": totals["correct"] / masked,
+        "val_mlm_perplexity": float(np.exp(totals["ce"] / masked)),
+        "val_mlm_loss": totals["ce"] / masked,
+        "val_nsp_accuracy": totals["nsp_correct"] / max(totals["pairs"], 1.0),
+    }
+    if baseline_token is not None:
+        metrics["baseline_mlm_accuracy"] = totals["baseline"] / masked
+    return metrics
+
+
+def load_pretrained_teacher(source: str) -> tuple[BertForPreTraining, dict[str, Any]]:
+    """A local folder or hub id; safetensors only and never remote code. A checkpoint with only an MLM
+    head (BertForMaskedLM) loads too; its NSP head is then untrained, which details say."""
+    try:
+        model, info = BertForPreTraining.from_pretrained(
+            source, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+            attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"could not load teacher.pretrained = {source!r}: {exc}. Point it at a folder (or hub id) "
+            "holding a BERT checkpoint in safetensors format, or unset it to pretrain a teacher here"
+        ) from exc
+    missing = info.get("missing_keys", [])
+    if any(k.startswith("cls.predictions") for k in missing):
+        raise StageError(f"teacher.pretrained = {source!r} has no masked-LM head ({len(missing)} weights "
+                         "missing); the distillation needs one. Use a checkpoint saved from BertForMaskedLM "
+                         "or BertForPreTraining")
+    return model, {"nsp_head_trained": not any(k.startswith("cls.seq_relationship") for k in missing)}
+
+
+def copy_tokenizer(tok_dir: Path, out: Path) -> None:
+    for path in tok_dir.iterdir():
+        if path.is_file() and path.name != "manifest.json":
+            shutil.copy2(path, out / path.name)
+
+
+def build_teacher(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
+    t0 = time.perf_counter()
+    tcfg = cfg.teacher
+    tok_dir, pairs_dir = ctx.upstream_dir("tokenizer"), ctx.upstream_dir("pairs")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    train_ds, val_ds = load_pairs(pairs_dir, "train"), load_pairs(pairs_dir, "validation")
+    collate = pretraining_collator(tok, 8 if torch.cuda.is_available() else 1)
+    eval_batch = 2 * tcfg.train.batch_size
+    baseline_token = most_frequent_label(train_ds)
+    counts: dict[str, float] = {}
+    details: dict[str, Any] = {"baseline": f"always predict token {baseline_token} "
+                               f"({tok.convert_ids_to_tokens(baseline_token) if baseline_token >= 0 else '-'}), "
+                               "the most frequent masked token of the train pairs"}
+
+    if tcfg.pretrained:
+        model, info = load_pretrained_teacher(tcfg.pretrained)
+        if model.config.vocab_size < len(tok):
+            raise StageError(f"teacher.pretrained has {model.config.vocab_size} token embeddings but the "
+                             f"tokenizer stage's tokenizer has {len(tok)} tokens: they do not belong together")
+        rt = engine.setup_runtime(tcfg.train.precision)
+        model.to(rt.device)
+        metrics = evaluate_pretraining(model, val_ds, collate, eval_batch, rt, baseline_token)
+        counts.update(steps=0, tokens_seen=0, train_tokens_per_s=0.0)
+        details.update(info, source=f"pretrained checkpoint {tcfg.pretrained} (not trained here)")
+        if not rt.is_main:
+            return StageReport()
+    else:
+        config = bert_config(len(tok), tcfg.hidden_size, tcfg.num_layers, tcfg.num_heads, tcfg.intermediate_size,
+                             tcfg.max_position_embeddings, pad_token_id=tok.pad_token_id, dropout=tcfg.dropout)
+        torch.manual_seed(ctx.seed)
+        model = build_bert_for_pretraining(config)
+        checkpoints = ctx.out_dir / CHECKPOINTS
+        result = engine.train(
+            model, pretraining_loss, train_ds, tcfg.train, collate, seed=ctx.seed, checkpoint_dir=checkpoints,
+            eval_fn=lambda m, rt: evaluate_pretraining(m, val_ds, collate, eval_batch, rt),
+            metrics_sink=ctx.log_metrics, progress=cfg.run.progress)
+        if not result.runtime.is_main:  # other ranks of a torchrun launch: rank 0 writes the output
+            return StageReport()
+        metrics = evaluate_pretraining(model, val_ds, collate, eval_batch, result.runtime, baseline_token)
+        counts.update(steps=result.steps, tokens_seen=result.tokens_seen,
+                      train_tokens_per_s=round(result.tokens_per_s, 1), train_seconds=round(result.train_seconds, 2),
+                      **{k: round(v, 5) for k, v in result.final_losses.items()})
+        details.update(source="pretrained here on the pairs train split (MLM + NSP)",
+                       resumed_from_step=result.resumed_from_step, precision=result.runtime.precision,
+                       device=str(result.runtime.device), world_size=result.runtime.world_size,
+                       examples_train=len(train_ds))
+
+    model_dir = ctx.out_dir / MODEL_DIR
+    model.cpu().save_pretrained(model_dir, safe_serialization=True)
+    copy_tokenizer(tok_dir, model_dir)
+    shutil.rmtree(ctx.out_dir / CHECKPOINTS, ignore_errors=True)  # the stage is done: nothing to resume
+    counts.update({k: round(v, 5) for k, v in metrics.items()})
+    counts["parameters"] = sum(p.numel() for p in model.parameters())
+    counts["examples_validation"] = len(val_ds)
+    counts["seconds"] = round(time.perf_counter() - t0, 3)
+    ctx.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, int(counts["steps"]))
+    return StageReport(
+        counts=counts,
+        inputs=[{"stage": n, "fingerprint": r.fingerprint} for n, r in ctx.upstream.items()],
+        artifacts=sorted(p.relative_to(ctx.out_dir).as_posix() for p in model_dir.iterdir() if p.is_file()
+                         and p.suffix != ".safetensors"),
+        details=details,
+    )
+
+
+def teacher_key(cfg: PipelineConfig) -> dict[str, Any]:
+    section = cfg.section("teacher")
+    if cfg.teacher.pretrained:
+        section.pop("train")  # a pretrained teacher is not trained: its training settings change nothing
+    return {"teacher": section, "seed": cfg.run.seed}
+
+
+STAGE = StageSpec(
+    name="teacher",
+    build=build_teacher,
+    upstream=("tokenizer", "pairs"),
+    key_config=teacher_key,
+    code_modules=("tasks.engine", "models.bert"),
+    resumable=True,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# several GPUs: every rank runs this; rank 0 runs the stage bookkeeping, the others only train
+# ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """torchrun --nproc_per_node N -m tasks.teacher --workdir W [--preset gpu] [--config F] [--set k=v]
+
+    Needs the tokenizer and pairs stages finished in W (`lightbert run --until pairs`); writes W/teacher
+    with its manifest, which a later `lightbert run` reuses when the configuration is the same.
+    """
+    import torch.distributed as dist
+
+    from tasks.artifacts import sha256_json
+    from tasks.config import load_config
+    from tasks.stage import PARTIAL, StageRecord, cache_key_parts, check_stage, read_manifest, run_stage
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.teacher", description=main.__doc__)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    cfg, _ = load_config(args.preset, args.config, args.overrides)
+    workdir = args.workdir.resolve()
+    upstream = {}
+    for name in STAGE.upstream:
+        manifest = read_manifest(workdir / name)
+        if manifest is None:
+            raise SystemExit(f"{workdir / name} is not a finished stage: run `lightbert run --until pairs "
+                             f"--workdir {workdir}` first")
+        upstream[name] = StageRecord(name, workdir / name, manifest, cached=True, reason="finished earlier")
+    rt = engine.setup_runtime(cfg.teacher.train.precision)  # joins torchrun's process group
+    parts = cache_key_parts(STAGE, cfg, upstream)
+    done = [check_stage(workdir / STAGE.name, parts)[0] if rt.is_main else False]
+    if rt.distributed:
+        dist.broadcast_object_list(done, src=0)
+    if done[0]:
+        if rt.is_main:
+            print(f"teacher: {workdir / STAGE.name} is up to date")
+    elif rt.is_main:
+        record = run_stage(STAGE, cfg, workdir, upstream)
+        print(f"teacher: {record.dir} {record.manifest['counts']}")
+    else:
+        out_dir = workdir / PARTIAL / f"{STAGE.name}-{sha256_json(parts)[:16]}"
+        with tempfile.TemporaryDirectory() as scratch:
+            build_teacher(cfg, StageContext(STAGE.name, out_dir, Path(scratch), upstream, cfg, resuming=True))
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

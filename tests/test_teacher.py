@@ -1,0 +1,170 @@
+"""tasks/teacher.py through tasks.stage.run_stage, on hand-made tokenizer and pairs stage outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, BertForPreTraining, BertTokenizerFast
+
+from models.bert import IGNORE_INDEX, bert_config, build_bert_for_pretraining
+from tasks import teacher
+from tasks.artifacts import hash_tree, sha256_json
+from tasks.stage import StageRecord, read_manifest, run_stage
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [f"w{i}" for i in range(36)]
+# Documents repeat one of these motifs: a masked word follows from its neighbours, and a B' that
+# continues A's motif (next_sentence_label 0) differs from a random one (1).
+MOTIFS = [WORDS[i:i + 4] for i in range(0, 36, 4)] + [WORDS[i:i + 3] for i in range(1, 36, 6)]
+
+
+def record(name: str, root: Path) -> StageRecord:
+    return StageRecord(name, root, {"output_fingerprint": sha256_json(hash_tree(root))}, cached=False,
+                       reason="made by the test")
+
+
+def write_tokenizer(root: Path) -> StageRecord:
+    root.mkdir(parents=True)
+    (root / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab=str(root / "vocab.txt"),
+                            model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    tok.save_pretrained(root)
+    return record("tokenizer", root)
+
+
+def motif_pairs(tok, n: int, seed: int) -> dict[str, list]:
+    """Rows with the pairs stage's full schema (both views), 15% of word positions masked BERT-style."""
+    rng = np.random.default_rng(seed)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in WORDS}
+    cls, sep, mask = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
+    cols: dict[str, list] = {k: [] for k in (
+        "input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label", "sop_input_ids",
+        "sop_token_type_ids", "sop_attention_mask", "sop_labels", "sentence_order_label", "doc_index",
+        "nsp_b_doc_index", "length", "sop_length")}
+    for row in range(n):
+        m = int(rng.integers(len(MOTIFS)))
+        len_a, len_b = int(rng.integers(4, 14)), int(rng.integers(4, 14))
+        phase = int(rng.integers(4))
+        a = [ids[MOTIFS[m][(phase + i) % len(MOTIFS[m])]] for i in range(len_a)]
+        random_b = int(rng.random() < 0.5)
+        mb = (m + int(rng.integers(1, len(MOTIFS)))) % len(MOTIFS) if random_b else m
+        start = phase + len_a if not random_b else int(rng.integers(4))
+        b = [ids[MOTIFS[mb][(start + i) % len(MOTIFS[mb])]] for i in range(len_b)]
+        tokens = [cls, *a, sep, *b, sep]
+        words = [i for i, t in enumerate(tokens) if t not in (cls, sep)]
+        chosen = set(rng.choice(words, size=max(1, round(0.15 * len(words))), replace=False).tolist())
+        labels = [t if i in chosen else IGNORE_INDEX for i, t in enumerate(tokens)]
+        inputs = [(mask if rng.random() < 0.8 else t) if i in chosen else t for i, t in enumerate(tokens)]
+        types = [0] * (len_a + 2) + [1] * (len_b + 1)
+        for prefix in ("", "sop_"):
+            cols[f"{prefix}input_ids"].append(inputs)
+            cols[f"{prefix}token_type_ids"].append(types)
+            cols[f"{prefix}attention_mask"].append([1] * len(tokens))
+            cols[f"{prefix}labels" if prefix else "labels"].append(labels)
+        cols["next_sentence_label"].append(random_b)
+        cols["sentence_order_label"].append(0)
+        cols["doc_index"].append(row)
+        cols["nsp_b_doc_index"].append(row if not random_b else (row + 1) % n)
+        cols["length"].append(len(tokens))
+        cols["sop_length"].append(len(tokens))
+    return cols
+
+
+def write_pairs(root: Path, tok, n_train: int = 1200, n_validation: int = 200) -> StageRecord:
+    for split, n, seed in (("train", n_train, 0), ("validation", n_validation, 1)):
+        Dataset.from_dict(motif_pairs(tok, n, seed)).save_to_disk(str(root / split))
+    return record("pairs", root)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> dict[str, StageRecord]:
+    tok_record = write_tokenizer(tmp_path / "up" / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tok_record.dir))
+    return {"tokenizer": tok_record, "pairs": write_pairs(tmp_path / "up" / "pairs", tok)}
+
+
+STEPS = 200
+TINY = ("teacher.hidden_size=32", "teacher.num_layers=2", "teacher.num_heads=2", "teacher.intermediate_size=64",
+        "teacher.max_position_embeddings=64", "teacher.train.batch_size=16", "teacher.train.effective_batch_size=32",
+        f"teacher.train.max_steps={STEPS}", "teacher.train.learning_rate=5e-3", "teacher.train.warmup_steps=10",
+        "teacher.train.checkpoint_every=20", "teacher.train.eval_every=50", "teacher.train.log_every=10")
+
+
+def test_teacher_pretrains_and_beats_the_trivial_baseline(make_config, workdir, upstream):
+    logged: list[tuple[dict, int]] = []
+    cfg = make_config(*TINY)
+    rec = run_stage(teacher.STAGE, cfg, workdir, upstream, metrics_sink=lambda m, s: logged.append((m, s)))
+    counts = rec.manifest["counts"]
+    assert counts["steps"] == STEPS and counts["tokens_seen"] > 0 and counts["train_tokens_per_s"] > 0
+    assert counts["val_mlm_accuracy"] > 3 * counts["baseline_mlm_accuracy"], counts
+    assert counts["val_mlm_accuracy"] > 0.25 and counts["val_nsp_accuracy"] > 0.75, counts
+    assert 1.0 < counts["val_mlm_perplexity"] < len(WORDS), counts
+    assert counts["parameters"] == sum(p.numel() for p in BertForPreTraining.from_pretrained(
+        rec.dir / "model").parameters())
+    # the output is the model with its tokenizer; the checkpoints are gone
+    assert not (rec.dir / "checkpoints").exists()
+    assert (rec.dir / "model" / "model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(str(rec.dir / "model"))
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(str(upstream["tokenizer"].dir)).get_vocab()
+    # training curves and the validation metrics reached the sink
+    steps_with_loss = [s for m, s in logged if "train_mlm_loss" in m]
+    assert steps_with_loss[:2] == [10, 20] and any("val_mlm_accuracy" in m for m, s in logged if s == 50)
+    # the same key again: reused, not retrained
+    assert run_stage(teacher.STAGE, cfg, workdir, upstream).cached
+
+
+def test_interrupted_teacher_resumes_from_its_checkpoint(make_config, workdir, upstream):
+    cfg = make_config(*TINY, "teacher.train.max_steps=60")
+
+    def interrupt(metrics: dict, step: int | None) -> None:
+        if step == 50 and "train_loss" in metrics:
+            raise KeyboardInterrupt  # as a Ctrl-C between two steps
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(teacher.STAGE, cfg, workdir, upstream, metrics_sink=interrupt)
+    assert not (workdir / "teacher").exists()
+    rec = run_stage(teacher.STAGE, cfg, workdir, upstream)
+    assert rec.manifest["resumed"] and rec.manifest["details"]["resumed_from_step"] == 40
+    assert rec.manifest["counts"]["steps"] == 60
+    assert not (rec.dir / "checkpoints").exists()
+
+
+def test_pretrained_checkpoint_replaces_pretraining(make_config, workdir, upstream, tmp_path):
+    # a "downloaded" BERT: saved by save_pretrained with its own tokenizer; the tokenizer stage copies
+    # that tokenizer (as tasks/tokenizer.py does when teacher.pretrained is set)
+    source = tmp_path / "my-bert"
+    tok = AutoTokenizer.from_pretrained(str(upstream["tokenizer"].dir))
+    torch.manual_seed(3)
+    model = build_bert_for_pretraining(bert_config(len(tok), 32, 2, 2, 64, 64))
+    model.save_pretrained(source, safe_serialization=True)
+    tok.save_pretrained(source)
+    logged: list[dict] = []
+    cfg = make_config(*TINY, f"teacher.pretrained={source}")
+    rec = run_stage(teacher.STAGE, cfg, workdir, upstream, metrics_sink=lambda m, s: logged.append(m))
+    counts = rec.manifest["counts"]
+    assert counts["steps"] == 0 and counts["tokens_seen"] == 0
+    assert not any("train_loss" in m for m in logged)  # no training step ran
+    assert "val_mlm_accuracy" in counts and "baseline_mlm_accuracy" in counts
+    assert rec.manifest["details"]["nsp_head_trained"] is True
+    saved = BertForPreTraining.from_pretrained(rec.dir / "model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved.state_dict()[name]), name
+    assert AutoTokenizer.from_pretrained(str(rec.dir / "model")).get_vocab() == tok.get_vocab()
+    # training settings do not matter to a pretrained teacher: changing them keeps the stage
+    cfg2 = make_config(*TINY, f"teacher.pretrained={source}", "teacher.train.max_steps=7")
+    assert run_stage(teacher.STAGE, cfg2, workdir, upstream).cached
+
+
+def test_pretrained_without_mlm_head_is_refused(make_config, workdir, upstream, tmp_path):
+    from transformers import BertModel
+
+    source = tmp_path / "encoder-only"
+    BertModel(bert_config(41, 32, 2, 2, 64, 64)).save_pretrained(source)
+    cfg = make_config(*TINY, f"teacher.pretrained={source}")
+    with pytest.raises(teacher.StageError, match="no masked-LM head"):
+        run_stage(teacher.STAGE, cfg, workdir, upstream)
+    assert read_manifest(workdir / "teacher") is None
