@@ -62,6 +62,9 @@ class StageContext:
     upstream: dict[str, StageRecord]
     config: PipelineConfig
     resuming: bool = False  # out_dir holds what an interrupted attempt with the same key left
+    # The previous output when it has this very cache key but failed verification (a damaged file):
+    # a stage made of independent shards may reuse the shards that still match their sha256.
+    salvage_dir: Path | None = None
     # Metrics while the stage runs (training curves); the flow points this at MLflow.
     metrics_sink: Callable[[dict[str, float], int | None], None] | None = None
 
@@ -253,7 +256,10 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
 
-    ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming, metrics_sink=metrics_sink)
+    previous = read_manifest(final)
+    salvage = final if previous is not None and previous.get("cache_key") == key else None
+    ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming, salvage_dir=salvage,
+                       metrics_sink=metrics_sink)
     started_at, t0 = _now(), time.perf_counter()
     try:
         report = spec.build(cfg, ctx)
