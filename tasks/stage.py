@@ -257,7 +257,7 @@ def run_stage(
     scratch.mkdir(parents=True, exist_ok=True)
 
     previous = read_manifest(final)
-    salvage = final if previous is not None and previous.get("cache_key") == key else None
+    salvage = final if not force and previous is not None and previous.get("cache_key") == key else None
     ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming, salvage_dir=salvage,
                        metrics_sink=metrics_sink)
     started_at, t0 = _now(), time.perf_counter()
