@@ -222,12 +222,51 @@ class TeacherConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# cache: the teacher's outputs over every pairs example, computed once for the students
+# ---------------------------------------------------------------------------------------------
+class CacheConfig(Section):
+    top_k: int = Field(64, ge=1, description="soft labels per position: the teacher's k likeliest tokens")
+    positions: Literal["masked", "all"] = Field(
+        "masked", description="where soft labels are kept: the masked positions or every real token")
+    hidden_layers: Literal["last"] | list[int] = Field(
+        "last", description="teacher hidden states kept (fp16, every real token): 'last' or layer numbers "
+        "(1 = first transformer layer, 0 = embeddings)")
+    splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["train", "validation"])
+    views: list[Literal["nsp", "sop"]] = Field(
+        default_factory=lambda: ["nsp"],
+        description="nsp: input_ids (BERT, DistilBERT); sop: sop_input_ids (ALBERT)")
+    examples_per_shard: int = Field(2048, ge=1, description="examples per shard file (the unit of resuming)")
+    batch_tokens: int = Field(16384, ge=16, description="padded tokens per inference batch (length-bucketed)")
+    max_bytes: int = Field(8_000_000_000, ge=1, description="refuse to start when the estimated size is over")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU, fp32 on a CPU")
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _layers(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, list):
+            if not v or min(v) < 0 or len(set(v)) != len(v):
+                raise ValueError(f"hidden_layers must be 'last' or distinct layer numbers >= 0 (got {v}); "
+                                 "e.g. [2, 4] (0 = embeddings)")
+            return sorted(v)
+        return v
+
+    @field_validator("splits", "views")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"needs at least one entry and no repeats (got {v})")
+        return v
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> PipelineConfig:
@@ -236,6 +275,12 @@ class PipelineConfig(Section):
                 f"pairs.max_seq_len ({self.pairs.max_seq_len}) is above the model's position "
                 f"embeddings (teacher.max_position_embeddings = {self.teacher.max_position_embeddings}); "
                 "lower pairs.max_seq_len or raise teacher.max_position_embeddings"
+            )
+        layers = self.cache.hidden_layers
+        if isinstance(layers, list) and not self.teacher.pretrained and max(layers) > self.teacher.num_layers:
+            raise ValueError(
+                f"cache.hidden_layers {layers} names a layer above the teacher's {self.teacher.num_layers} "
+                f"(teacher.num_layers); use numbers from 0 (embeddings) to {self.teacher.num_layers}"
             )
         return self
 
