@@ -1,0 +1,432 @@
+"""Cache stage: run the teacher once over every pairs example (every masked copy) and keep what the
+students learn from: top-k soft labels at the masked positions (or every real position) and the hidden
+states of the chosen teacher layers. Format and loader: tasks/cache_format.py.
+
+- Size first: the bytes are estimated from the pairs (lengths, masked counts) and the settings before
+  anything is computed; over cache.max_bytes the stage stops with the estimate, its parts and the
+  settings that would shrink it.
+- Inference: model.eval() under torch.inference_mode, bf16 autocast on a GPU (fp32 on a CPU), batches
+  of similar lengths up to cache.batch_tokens padded tokens. The MLM head runs only at the stored
+  positions (hidden states gathered first) and in float32 even under autocast: its output is the soft
+  labels, and at the masked positions it is a small share of the FLOPs.
+- Shards are independent: each is written atomically and its sha256 recorded in cache_progress.json
+  right after. A resumed attempt keeps every shard that matches its record and recomputes the rest; a
+  damaged finished output with the same key (ctx.salvage_dir) lends its intact shards the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import BertConfig, BertForPreTraining
+
+from tasks import engine
+from tasks.artifacts import atomic_write_json, sha256_file
+from tasks.cache_format import (
+    CACHE_MANIFEST,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    LENGTH_COLUMN,
+    VIEW_COLUMNS,
+    ExampleOutputs,
+    bytes_per_position,
+    bytes_per_token,
+    hidden_name,
+    pack_shard,
+    shard_overhead_bytes,
+    shard_relpath,
+    shard_stats,
+    write_shard,
+)
+from tasks.config import PipelineConfig
+from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest
+
+PROGRESS = "cache_progress.json"
+TEACHER_MODEL_DIR = "model"  # where the teacher stage saves the model (tasks/teacher.py MODEL_DIR)
+HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    view: str
+    index: int
+    start: int  # first example (row of the pairs split)
+    stop: int
+
+    @property
+    def file(self) -> str:
+        return shard_relpath(self.split, self.view, self.index)
+
+
+@dataclass
+class PartSize:
+    """One split x view: what the estimate is made of."""
+
+    examples: int
+    tokens: int
+    positions: int
+    shards: int
+
+
+# ------------------------------------------------------------------------------------------------
+# planning and the byte budget
+# ------------------------------------------------------------------------------------------------
+def resolve_layers(setting: str | list[int], num_layers: int) -> list[int]:
+    layers = [num_layers] if setting == "last" else list(setting)
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
+    if bad:
+        raise StageError(f"cache.hidden_layers {setting} names layer(s) {bad}, but the teacher has "
+                         f"{num_layers} layers (0 = embeddings ... {num_layers} = last)")
+    return layers
+
+
+def load_pairs_split(pairs_dir: Path, split: str, views: list[str]) -> Dataset:
+    path = pairs_dir / split
+    if not path.is_dir():
+        raise StageError(f"{path} is missing: the pairs stage output is incomplete; rerun the pairs stage")
+    ds = load_from_disk(str(path))
+    needed = [c for v in views for c in (*VIEW_COLUMNS[v][:4], LENGTH_COLUMN[v])]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise StageError(f"{path} has no column(s) {missing}: it is not a pairs stage output of this version")
+    return ds
+
+
+def part_size(ds: Dataset, view: str, positions: str, examples_per_shard: int) -> PartSize:
+    tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
+    if positions == "all":
+        n_positions = tokens
+    else:
+        labels = pc.list_flatten(ds.data.table.column(VIEW_COLUMNS[view][3]))
+        n_positions = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    return PartSize(len(ds), tokens, n_positions, math.ceil(len(ds) / examples_per_shard))
+
+
+def estimate_cache_bytes(parts: dict[str, PartSize], top_k: int, hidden_size: int, n_layers: int) -> dict[str, int]:
+    """Bytes the shards will take, by part (hidden states, soft labels, offsets and headers)."""
+    hidden = sum(p.tokens for p in parts.values()) * bytes_per_token(hidden_size, n_layers)
+    soft = sum(p.positions for p in parts.values()) * bytes_per_position(top_k)
+    index = sum(p.examples * 3 * 8 + p.shards * shard_overhead_bytes(n_layers) for p in parts.values())
+    return {"hidden_states": hidden, "soft_labels": soft, "index": index, "total": hidden + soft + index}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: dict[str, PartSize],
+                        hidden_size: int, layers: list[int]) -> str:
+    cc = cfg.cache
+    tokens = sum(p.tokens for p in parts.values())
+    positions = sum(p.positions for p in parts.values())
+    per_layer = tokens * bytes_per_token(hidden_size, 1)
+    lines = [
+        f"the teacher cache would take an estimated {_gb(estimate['total'])} ({estimate['total']:,} bytes), "
+        f"over the budget cache.max_bytes = {_gb(cc.max_bytes)} ({cc.max_bytes:,} bytes).",
+        f"  hidden states: {_gb(estimate['hidden_states'])} = {tokens:,} tokens x {len(layers)} layer(s) "
+        f"{layers} x {hidden_size} x 2 bytes (fp16)",
+        f"  soft labels:   {_gb(estimate['soft_labels'])} = {positions:,} positions ({cc.positions}) x "
+        f"{bytes_per_position(cc.top_k)} bytes (top_k {cc.top_k} ids + probabilities)",
+        f"  offsets and headers: {_gb(estimate['index'])}",
+        "  by split/view: " + ", ".join(f"{name} {p.examples:,} examples, {p.tokens:,} tokens"
+                                        for name, p in parts.items()),
+        "Settings that shrink it:",
+        f"  cache.hidden_layers: each cached layer costs {_gb(per_layer)}"
+        + (" (already one layer)" if len(layers) == 1 else f"; {len(layers)} are cached now"),
+        f"  cache.top_k: {cc.top_k} -> 16 makes the soft labels {_gb(positions * bytes_per_position(16))}",
+    ]
+    if cc.positions == "all":
+        lines.append("  cache.positions: masked keeps soft labels at the masked positions only (about 15%)")
+    lines += [
+        f"  pairs.dupe_factor: the train split is {cfg.pairs.dupe_factor} masked copies of the corpus; "
+        "the size is about proportional to it",
+        f"  cache.splits {cc.splits} / cache.views {cc.views}: cache fewer of them",
+        f"  cache.max_bytes: raise it to at least {estimate['total']:,} if the disk has room",
+    ]
+    return "\n".join(lines)
+
+
+def plan_shards(split: str, view: str, n_examples: int, examples_per_shard: int) -> list[ShardPlan]:
+    return [ShardPlan(split, view, i, start, min(start + examples_per_shard, n_examples))
+            for i, start in enumerate(range(0, n_examples, examples_per_shard))]
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Index arrays of batches of similar length, each at most batch_tokens padded tokens (at least one
+    example). The engine's length_bucketed_batches has a fixed batch size and shuffles for training;
+    inference wants the largest batch that fits, longest first so that memory peaks at once."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        size = max(1, batch_tokens // max(int(lengths[order[i]]), 1))
+        batches.append(order[i:i + size])
+        i += size
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# keeping finished shards: an interrupted attempt's (resume) or a damaged output's (salvage)
+# ------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _matches(path: Path, record: dict[str, Any] | None) -> bool:
+    return (record is not None and path.is_file() and path.stat().st_size == record.get("size")
+            and sha256_file(path) == record.get("sha256"))
+
+
+def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, dict[str, Any]]:
+    """{shard file: {sha256, size, kept_from}} of the planned shards that need no computing. Anything
+    else left in out_dir (a shard that fails its checksum, a half-written temporary file) is removed."""
+    wanted = {s.file for s in plan}
+    kept: dict[str, dict[str, Any]] = {}
+    if ctx.resuming:
+        recorded = {**_read_json(ctx.out_dir / CACHE_MANIFEST).get("shard_files", {}),
+                    **_read_json(ctx.out_dir / PROGRESS).get("shards", {})}
+        for rel in sorted(wanted & recorded.keys()):
+            if _matches(ctx.out_dir / rel, recorded[rel]):
+                kept[rel] = {**recorded[rel], "kept_from": "interrupted attempt"}
+    for path in sorted(p for p in ctx.out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(ctx.out_dir).as_posix()
+        if rel not in kept and rel != PROGRESS:
+            path.unlink()
+    if ctx.salvage_dir is not None:
+        files = (read_manifest(ctx.salvage_dir) or {}).get("files", {})
+        for rel in sorted(wanted - kept.keys()):
+            src, dst = ctx.salvage_dir / rel, ctx.out_dir / rel
+            if _matches(src, files.get(rel)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)  # the old output is replaced at the end; the link keeps the data
+                except OSError:
+                    shutil.copy2(src, dst)
+                kept[rel] = {"sha256": files[rel]["sha256"], "size": files[rel]["size"],
+                             "kept_from": "previous output"}
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------
+# the teacher forward
+# ------------------------------------------------------------------------------------------------
+def load_teacher(model_dir: Path) -> BertForPreTraining:
+    try:
+        model = BertForPreTraining.from_pretrained(model_dir, use_safetensors=True, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise StageError(f"could not load the teacher from {model_dir}: {exc}; rerun the teacher stage") from exc
+    return model.eval()
+
+
+@torch.inference_mode()
+def teacher_outputs(model: BertForPreTraining, batch: dict[str, torch.Tensor], view: str, layers: list[int],
+                    top_k: int, positions: str, rt: engine.Runtime) -> list[ExampleOutputs]:
+    """The cached quantities of every example of a padded batch (in batch order)."""
+    ids, types, attention, labels = (batch[c].to(rt.device) for c in VIEW_COLUMNS[view][:4])
+    with rt.autocast():
+        out = model.bert(input_ids=ids, attention_mask=attention, token_type_ids=types,
+                         output_hidden_states=True, return_dict=True)
+    real = attention.bool()
+    where = real & (labels != IGNORE_INDEX) if positions == "masked" else real
+    gathered = out.hidden_states[-1][where].float()
+    top_p, top_i = [], []
+    for c in range(0, len(gathered), HEAD_CHUNK):
+        logits = model.cls.predictions(gathered[c:c + HEAD_CHUNK]).float()
+        top = logits.softmax(-1).topk(top_k, dim=-1)
+        top_p.append(top.values)
+        top_i.append(top.indices)
+    probs = torch.cat(top_p) if top_p else gathered.new_zeros(0, top_k)
+    token_ids = torch.cat(top_i) if top_i else torch.zeros(0, top_k, dtype=torch.long, device=ids.device)
+    hidden = {}
+    for layer in layers:
+        h = out.hidden_states[layer][real].to(torch.float16)
+        if not torch.isfinite(h).all():
+            raise StageError(f"teacher layer {layer} has hidden values outside the float16 range; "
+                             "cache.precision=fp32 or other cache.hidden_layers may avoid it")
+        hidden[layer] = h.cpu().numpy()
+    pos_cuts = np.cumsum(where.sum(1).cpu().numpy())[:-1]
+    tok_cuts = np.cumsum(real.sum(1).cpu().numpy())[:-1]
+    pos = np.split(where.nonzero()[:, 1].to(torch.int32).cpu().numpy(), pos_cuts)
+    ids_np = np.split(token_ids.to(torch.int32).cpu().numpy(), pos_cuts)
+    probs_np = np.split(probs.cpu().numpy(), pos_cuts)
+    mass = np.split(probs.sum(-1).cpu().numpy(), pos_cuts)
+    hidden_np = {layer: np.split(h, tok_cuts) for layer, h in hidden.items()}
+    return [ExampleOutputs(pos[j], ids_np[j], probs_np[j], mass[j], {layer: hidden_np[layer][j] for layer in layers})
+            for j in range(len(pos))]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
+    t_start = time.perf_counter()
+    cc = cfg.cache
+    model_dir = ctx.upstream_dir("teacher") / TEACHER_MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"{model_dir} holds no saved teacher: rerun the teacher stage")
+    tconf = BertConfig.from_pretrained(model_dir)
+    layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers)
+    if cc.top_k > tconf.vocab_size:
+        raise StageError(f"cache.top_k = {cc.top_k} is more than the teacher's vocabulary ({tconf.vocab_size}); "
+                         f"at most {tconf.vocab_size} (which keeps the full distribution)")
+
+    pairs_dir = ctx.upstream_dir("pairs")
+    data = {split: load_pairs_split(pairs_dir, split, cc.views) for split in cc.splits}
+    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.examples_per_shard)
+             for split in cc.splits for view in cc.views}
+    estimate = estimate_cache_bytes(parts, cc.top_k, tconf.hidden_size, len(layers))
+    if estimate["total"] > cc.max_bytes:
+        raise StageError(over_budget_message(cfg, estimate, parts, tconf.hidden_size, layers))
+
+    plan = [s for split in cc.splits for view in cc.views
+            for s in plan_shards(split, view, len(data[split]), cc.examples_per_shard)]
+    finished = keep_finished_shards(ctx, plan)
+    atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
+    todo = [s for s in plan if s.file not in finished]
+    stats = {rel: shard_stats(ctx.out_dir / rel) for rel in finished}
+
+    compute_s, computed_tokens, rt = 0.0, 0, None
+    if todo:
+        rt = engine.setup_runtime(cc.precision)
+        model = load_teacher(model_dir).to(rt.device)
+        pad_id = tconf.pad_token_id if tconf.pad_token_id is not None else 0
+        multiple = 8 if rt.device.type == "cuda" else 1
+        collate = {v: engine.PadCollator(VIEW_COLUMNS[v][:4], {VIEW_COLUMNS[v][0]: pad_id,
+                                                              VIEW_COLUMNS[v][3]: IGNORE_INDEX}, multiple)
+                   for v in cc.views}
+        columns = {(s, v): data[s].select_columns(list(VIEW_COLUMNS[v][:4])) for s in cc.splits for v in cc.views}
+        lengths = {(s, v): np.asarray(data[s][LENGTH_COLUMN[v]], dtype=np.int64) for s in cc.splits for v in cc.views}
+        batches = {s.file: token_budget_batches(lengths[s.split, s.view][s.start:s.stop], cc.batch_tokens)
+                   for s in todo}
+
+        def work() -> Iterator[tuple[ShardPlan, np.ndarray, bool]]:
+            for shard in todo:
+                shard_batches = batches[shard.file]
+                for b, idx in enumerate(shard_batches):
+                    yield shard, idx, b == len(shard_batches) - 1
+
+        slots: list[ExampleOutputs | None] = []
+        t0 = time.perf_counter()
+        for shard, idx, last in ctx.progress(work(), "teacher forward", total=sum(map(len, batches.values())),
+                                             unit="batch"):
+            if not slots:
+                slots = [None] * (shard.stop - shard.start)
+            rows = columns[shard.split, shard.view][(idx + shard.start).tolist()]
+            outs = teacher_outputs(model, collate[shard.view](rows), shard.view, layers, cc.top_k, cc.positions, rt)
+            for j, o in zip(idx.tolist(), outs, strict=True):
+                slots[j] = o
+            if not last:
+                continue
+            tensors = pack_shard(shard.start, slots, layers)
+            meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
+                    "top_k": str(cc.top_k), "positions": cc.positions, "layers": ",".join(map(str, layers))}
+            finished[shard.file] = write_shard(ctx.out_dir / shard.file, tensors, meta)
+            atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
+            stats[shard.file] = {"examples": len(slots), "positions": len(tensors["positions"]),
+                                 "tokens": len(tensors[hidden_name(layers[0])]),
+                                 "mass_sum": float(tensors["topk_mass"].astype(np.float64).sum())}
+            computed_tokens += stats[shard.file]["tokens"]
+            compute_s = time.perf_counter() - t0
+            slots = []
+            done = len(stats)
+            ctx.log_metrics({"cache_shards_done": done, "cache_tokens_per_s": computed_tokens / max(compute_s, 1e-9)},
+                            done)
+
+    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate)
+    atomic_write_json(ctx.out_dir / CACHE_MANIFEST, manifest)
+    (ctx.out_dir / PROGRESS).unlink(missing_ok=True)  # cache_manifest.json now records every shard
+
+    totals = manifest["totals"]
+    reused = sum(1 for s in plan if "kept_from" in finished[s.file])
+    counts = {
+        "examples": totals["examples"], "tokens": totals["tokens"], "positions": totals["positions"],
+        "shards": len(plan), "shards_computed": len(plan) - reused, "shards_reused": reused,
+        "bytes": totals["bytes"], "estimated_bytes": estimate["total"],
+        "bytes_per_token": round(totals["bytes_per_token"], 2),
+        "tokens_per_s": round(computed_tokens / compute_s, 1) if compute_s else 0.0,
+        "mean_topk_mass": round(totals["mean_topk_mass"], 5),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return StageReport(
+        counts=counts,
+        inputs=[{"stage": name, "fingerprint": rec.fingerprint} for name, rec in ctx.upstream.items()],
+        artifacts=[CACHE_MANIFEST],
+        details={"layers": layers, "top_k": cc.top_k, "positions": cc.positions,
+                 "estimate": estimate, "device": str(rt.device) if rt else None,
+                 "precision": rt.precision if rt else None,
+                 "kept_from": {rel: m["kept_from"] for rel, m in finished.items() if "kept_from" in m}},
+    )
+
+
+def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan], files: dict[str, dict],
+                   stats: dict[str, dict], layers: list[int], tconf: BertConfig,
+                   estimate: dict[str, int]) -> dict[str, Any]:
+    cc = cfg.cache
+    splits: dict[str, dict[str, Any]] = {}
+    for s in plan:
+        entry = splits.setdefault(s.split, {}).setdefault(s.view, {"examples": 0, "tokens": 0, "positions": 0,
+                                                                   "shards": []})
+        st = stats[s.file]
+        for key in ("examples", "tokens", "positions"):
+            entry[key] += st[key]
+        entry["shards"].append({"file": s.file, "first_example": s.start, "examples": st["examples"],
+                                "tokens": st["tokens"], "positions": st["positions"],
+                                "bytes": files[s.file]["size"], "sha256": files[s.file]["sha256"]})
+    for split in cc.splits:  # a split with no examples still says so
+        for view in cc.views:
+            splits.setdefault(split, {}).setdefault(view, {"examples": 0, "tokens": 0, "positions": 0, "shards": []})
+    k, h = cc.top_k, tconf.hidden_size
+    tensors = {"example_index": ["examples"], "pos_offsets": ["examples + 1"], "positions": ["positions"],
+               "topk_ids": ["positions", k], "topk_probs": ["positions", k], "topk_mass": ["positions"],
+               "tok_offsets": ["examples + 1"]}
+    tensors = {name: {"dtype": DTYPES[name], "shape": shape} for name, shape in tensors.items()}
+    tensors.update({hidden_name(layer): {"dtype": DTYPES["hidden"], "shape": ["tokens", h]} for layer in layers})
+    n_tokens = sum(st["tokens"] for st in stats.values())
+    n_positions = sum(st["positions"] for st in stats.values())
+    n_bytes = sum(files[s.file]["size"] for s in plan)
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "teacher": {"fingerprint": ctx.upstream["teacher"].fingerprint, "hidden_size": h,
+                    "num_layers": tconf.num_hidden_layers, "vocab_size": tconf.vocab_size},
+        "pairs": {"fingerprint": ctx.upstream["pairs"].fingerprint},
+        "top_k": k, "positions": cc.positions, "layers": layers, "views": cc.views,
+        "soft_labels": "top-k ids and probabilities of the full-vocabulary softmax at temperature 1",
+        "examples_per_shard": cc.examples_per_shard,
+        "tensors": tensors,
+        "splits": splits,
+        "shard_files": {s.file: {"sha256": files[s.file]["sha256"], "size": files[s.file]["size"]} for s in plan},
+        "totals": {"examples": sum(st["examples"] for st in stats.values()), "tokens": n_tokens,
+                   "positions": n_positions, "shards": len(plan), "bytes": n_bytes,
+                   "estimated_bytes": estimate["total"],
+                   "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
+                   "mean_topk_mass": sum(st["mass_sum"] for st in stats.values()) / n_positions if n_positions else 0.0},
+    }
+
+
+STAGE = StageSpec(
+    name="cache",
+    build=build_cache,
+    upstream=("teacher", "pairs"),
+    key_config=lambda cfg: {"cache": cfg.section("cache")},
+    # tasks.engine is left out on purpose: the padding and device helpers used here do not change the
+    # values, and an engine change must not throw away a cache of many GB.
+    code_modules=("tasks.cache_format",),
+    resumable=True,
+)
