@@ -46,6 +46,7 @@ def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: 
         record = run_stage(spec, cfg, workdir, upstream, producer={"mlflow_run_id": run_id},
                            metrics_sink=tracking.log_metrics)
         tracking.log_stage(record, {name: upstream[name] for name in spec.upstream})
+        tracking.register_models(record)
     get_run_logger().info(summary_line(record))
     if record.cached:
         return Completed(data=record, name="Cached", message=f"reused {record.dir}")

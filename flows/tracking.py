@@ -165,3 +165,46 @@ def log_stage(record: StageRecord, upstream: dict[str, StageRecord]) -> None:
         if path.is_file():
             parent = str(Path("outputs") / Path(rel).parent) if Path(rel).parent != Path(".") else "outputs"
             mlflow.log_artifact(str(path), artifact_path=parent)
+
+
+def _pip_requirements() -> list[str]:
+    # MLflow's inferred requirements name torchvision, which has no CPU build here (STACK.md).
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("transformers", "tokenizers", "safetensors")] + [
+        f"torch>={version('torch').split('+')[0]}"]
+
+
+def register_models(record: StageRecord) -> list[tuple[str, str]]:
+    """Log each model a stage saved into MLflow's registry as a fill-mask transformers model.
+
+    A version is created once per stage output: a reused stage whose output fingerprint is already
+    registered under that name adds nothing. Returns [(name, version)].
+    """
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    registered = []
+    for entry in record.manifest.get("models", []):
+        name, path = entry["name"], record.dir / entry["path"]
+        existing = [v for v in client.search_model_versions(f"name='{name}'")
+                    if v.tags.get("lightbert.output_fingerprint") == record.fingerprint]
+        if existing:
+            registered.append((name, existing[0].version))
+            continue
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        # The masked-LM view of the checkpoint (a pretraining checkpoint's NSP/SOP head is dropped):
+        # what a fill-mask pipeline and a fine-tuning user load.
+        model = AutoModelForMaskedLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name=entry.get("artifact", name),
+            task="fill-mask", registered_model_name=name, pip_requirements=_pip_requirements(),
+        )
+        version = str(info.registered_model_version)
+        for key, value in {"lightbert.output_fingerprint": record.fingerprint,
+                           "lightbert.stage": record.name, "lightbert.path": str(path)}.items():
+            client.set_model_version_tag(name, version, key, value)
+        mlflow.set_tag(f"lightbert.registered.{name}", version)
+        registered.append((name, version))
+    return registered

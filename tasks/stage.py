@@ -50,6 +50,8 @@ class StageReport:
     datasets: list[str] = field(default_factory=list)  # relative paths of Arrow datasets written
     artifacts: list[str] = field(default_factory=list)  # relative paths of small files worth copying
     details: dict[str, Any] = field(default_factory=dict)  # anything else (per-source statistics...)
+    # Models to register: {"path": relative dir saved with save_pretrained, "name": registry name}
+    models: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -285,6 +287,7 @@ def run_stage(
         "datasets": report.datasets,
         "artifacts": report.artifacts,
         "details": report.details,
+        "models": report.models,
         "produced_by": producer or {},
         "resumed": resuming,
     }

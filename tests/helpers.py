@@ -66,3 +66,17 @@ def write_corpus(root: Path, train: dict[str, list], validation: dict[str, list]
 def synthetic_corpus(root: Path, n_train: int = 200, n_validation: int = 40, seed: int = 0, **kw) -> StageRecord:
     return write_corpus(root, synthetic_documents(n_train, seed, prefix="train", **kw),
                         synthetic_documents(n_validation, seed + 1, prefix="val", **kw))
+
+
+def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"corpus.sources=[{{path: '{corpus_dir}', txt_documents: file}}]",
+        "corpus.validation_fraction=0.2",
+        "tokenizer.vocab_size=300",
+        "tokenizer.min_frequency=1",
+        "pairs.max_seq_len=32",
+        "pairs.dupe_factor=2",
+        "run.num_proc=1",
+        "run.progress=false",
+        *extra,
+    ]

@@ -11,25 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_overrides
 
 from tasks.config import load_config
 from tasks.stage import read_manifest
 
 STAGES = ["corpus", "tokenizer", "pairs"]
-
-
-def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"corpus.sources=[{{path: '{corpus_dir}', txt_documents: file}}]",
-        "corpus.validation_fraction=0.2",
-        "tokenizer.vocab_size=300",
-        "tokenizer.min_frequency=1",
-        "pairs.max_seq_len=32",
-        "pairs.dupe_factor=2",
-        "run.num_proc=1",
-        "run.progress=false",
-        *extra,
-    ]
 
 
 def _runs(workdir: Path):
