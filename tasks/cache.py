@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +151,8 @@ def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: di
     ]
     if cc.positions == "all":
         lines.append("  cache.positions: masked keeps soft labels at the masked positions only (about 15%)")
+    else:
+        lines.append("  cache.positions: already masked (soft labels at the masked positions only)")
     lines += [
         f"  pairs.dupe_factor: the train split is {cfg.pairs.dupe_factor} masked copies of the corpus; "
         "the size is about proportional to it",
@@ -315,22 +316,27 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         lengths = {(s, v): np.asarray(data[s][LENGTH_COLUMN[v]], dtype=np.int64) for s in cc.splits for v in cc.views}
         batches = {s.file: token_budget_batches(lengths[s.split, s.view][s.start:s.stop], cc.batch_tokens)
                    for s in todo}
+        # (shard, rows of the split, last batch of the shard?) in shard order; a DataLoader fetches and
+        # pads the next batches in worker processes while the GPU computes (in-line on a CPU).
+        items = [(k, idx + s.start, b == len(batches[s.file]) - 1)
+                 for k, s in enumerate(todo) for b, idx in enumerate(batches[s.file])]
 
-        def work() -> Iterator[tuple[ShardPlan, np.ndarray, bool]]:
-            for shard in todo:
-                shard_batches = batches[shard.file]
-                for b, idx in enumerate(shard_batches):
-                    yield shard, idx, b == len(shard_batches) - 1
+        def fetch(item: tuple[int, np.ndarray, bool]) -> tuple[int, np.ndarray, bool, dict[str, torch.Tensor]]:
+            k, rows, last = item
+            shard = todo[k]
+            return k, rows, last, collate[shard.view](columns[shard.split, shard.view][rows.tolist()])
 
+        on_gpu = rt.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(items, batch_size=None, collate_fn=fetch, num_workers=2 if on_gpu else 0,
+                                             pin_memory=on_gpu)
         slots: list[ExampleOutputs | None] = []
         t0 = time.perf_counter()
-        for shard, idx, last in ctx.progress(work(), "teacher forward", total=sum(map(len, batches.values())),
-                                             unit="batch"):
+        for k, rows, last, batch in ctx.progress(loader, "teacher forward", total=len(items), unit="batch"):
+            shard = todo[k]
             if not slots:
                 slots = [None] * (shard.stop - shard.start)
-            rows = columns[shard.split, shard.view][(idx + shard.start).tolist()]
-            outs = teacher_outputs(model, collate[shard.view](rows), shard.view, layers, cc.top_k, cc.positions, rt)
-            for j, o in zip(idx.tolist(), outs, strict=True):
+            outs = teacher_outputs(model, batch, shard.view, layers, cc.top_k, cc.positions, rt)
+            for j, o in zip((rows - shard.start).tolist(), outs, strict=True):
                 slots[j] = o
             if not last:
                 continue

@@ -290,6 +290,8 @@ class CachedPairs:
             return self.pairs[key]
         if isinstance(key, int | np.integer):
             return self._row(int(key))
+        if isinstance(key, slice):
+            key = range(*key.indices(len(self)))
         rows = [self._row(int(i)) for i in key]
         names = [*self.columns, self.length_column, *self.teacher_columns]
         return {name: [r[name] for r in rows] for name in names}
