@@ -125,6 +125,9 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"preset={preset} teacher: {t.num_layers} layers, hidden {t.hidden_size}, vocab {vocab:,}, "
           f"{params / 1e6:.1f} M parameters; device {device}, {rt.precision}; data: {source}")
+    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
+        print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
+              "lower the CPU figures a lot (threads oversubscribed)")
 
     with tempfile.TemporaryDirectory(prefix="lightbert-cache-bench-") as tmp:
         root = Path(tmp)
