@@ -95,8 +95,7 @@ def setup_runtime(precision: str = "auto") -> Runtime:
         local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
     else:
         device = torch.device("cpu")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -155,11 +155,11 @@ def build_teacher(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         checkpoints = ctx.out_dir / CHECKPOINTS
         result = engine.train(
             model, pretraining_loss, train_ds, tcfg.train, collate, seed=ctx.seed, checkpoint_dir=checkpoints,
-            eval_fn=lambda m, rt: evaluate_pretraining(m, val_ds, collate, eval_batch, rt),
+            eval_fn=lambda m, rt: evaluate_pretraining(m, val_ds, collate, eval_batch, rt, baseline_token),
             metrics_sink=ctx.log_metrics, progress=cfg.run.progress)
         if not result.runtime.is_main:  # other ranks of a torchrun launch: rank 0 writes the output
             return StageReport()
-        metrics = evaluate_pretraining(model, val_ds, collate, eval_batch, result.runtime, baseline_token)
+        metrics = result.eval_metrics  # the engine evaluated the final weights
         counts.update(steps=result.steps, tokens_seen=result.tokens_seen,
                       train_tokens_per_s=round(result.tokens_per_s, 1), train_seconds=round(result.train_seconds, 2),
                       **{k: round(v, 5) for k, v in result.final_losses.items()})
@@ -176,7 +176,8 @@ def build_teacher(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     counts["parameters"] = sum(p.numel() for p in model.parameters())
     counts["examples_validation"] = len(val_ds)
     counts["seconds"] = round(time.perf_counter() - t0, 3)
-    ctx.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, int(counts["steps"]))
+    if tcfg.pretrained:  # a trained teacher's final metrics went to the sink from the engine
+        ctx.log_metrics(metrics, 0)
     return StageReport(
         counts=counts,
         inputs=[{"stage": n, "fingerprint": r.fingerprint} for n, r in ctx.upstream.items()],

@@ -30,6 +30,16 @@ PAD, CLS, SEP, MASK = 0, 2, 3, 4
 COLLATE = engine.PadCollator(PRETRAINING_INPUTS, {"input_ids": PAD, "labels": IGNORE_INDEX})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train as fast on one thread, and a second thread's OpenMP spin-waits make them
+    ten times slower when another process shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_pairs(n: int, seed: int = 0, min_len: int = 8, max_len: int = 24, n_masked: int | None = None) -> Dataset:
     """Pairs-stage-shaped rows: [CLS] A [SEP] B [SEP] with ids that repeat a short per-row motif (so
     there is something to learn); n_masked fixes the number of labelled positions per row."""
@@ -198,3 +208,33 @@ def test_kill_9_mid_training_resumes_to_the_same_weights(tmp_path: Path):
 def test_effective_batch_must_divide(tmp_path: Path):
     with pytest.raises(ValueError, match="multiple of batch_size"):
         TrainingConfig(batch_size=8, effective_batch_size=12)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_bert(dropout=0.0)
+    cfg = tiny_train_config(max_steps=3, batch_size=4, effective_batch_size=8, checkpoint_every=2)
+    engine.train(model, pretraining_loss, random_pairs(48, seed=1), cfg, COLLATE, seed=5,
+                 checkpoint_dir=Path(out) / f"ckpt{rank}")
+    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path: Path):
+    """2 gloo processes x batch 4 == 1 process x batch 4 x accumulation 2: each rank takes every other
+    micro-batch of the same stream, and DDP averages what accumulation would have summed / 2."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = tiny_bert(dropout=0.0)
+    engine.train(single, pretraining_loss, random_pairs(48, seed=1),
+                 tiny_train_config(max_steps=3, batch_size=4, effective_batch_size=8), COLLATE, seed=5)
+    for name, tensor in single.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(tensor, ranks[0][name], atol=1e-5), name
+    assert (tmp_path / "ckpt0" / engine.CHECKPOINT).is_file()
+    assert not (tmp_path / "ckpt1").exists()  # only rank 0 writes

@@ -22,6 +22,16 @@ WORDS = [f"w{i}" for i in range(36)]
 MOTIFS = [WORDS[i:i + 4] for i in range(0, 36, 4)] + [WORDS[i:i + 3] for i in range(1, 36, 6)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train as fast on one thread, and a second thread's OpenMP spin-waits make them
+    ten times slower when another process shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def record(name: str, root: Path) -> StageRecord:
     return StageRecord(name, root, {"output_fingerprint": sha256_json(hash_tree(root))}, cached=False,
                        reason="made by the test")
