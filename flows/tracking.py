@@ -45,7 +45,12 @@ def setup_tracking(tracking_uri: str, experiment: str, workdir: Path) -> str:
         if tracking_uri.startswith("sqlite:"):
             # The default would be ./mlruns of whatever directory the user ran from.
             location = (Path(workdir).resolve() / "mlruns").as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location, tags={
+            # Opens in the UI's model-training view (runs, metrics, models), not its GenAI view.
+            "mlflow.experimentKind": "custom_model_development",
+            "mlflow.note.content": "lightbert pipeline runs: one parent run per `lightbert run`, "
+                                   "a nested run per stage.",
+        })
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
