@@ -66,12 +66,16 @@ class SourceSpec(Section):
     hf: str | None = Field(None, description="Hugging Face datasets id (needs a hub)")
     hf_config: str | None = None
     split: str = "train"
-    text_field: str = "text"
-    format: Literal["auto", "txt", "jsonl", "parquet", "wikixml"] = "auto"
-    txt_documents: Literal["blank_line", "file", "line"] = Field(
-        "blank_line",
-        description="how a .txt file is cut into documents: at blank lines (BERT's convention), "
-        "one document per file, or one per line",
+    # None = the embedded source's own setting (data/sources.yaml), else the default named here. Unset
+    # stays distinguishable from set, also after a round trip through a saved config.
+    text_field: str | None = Field(None, description="field/column with the text (.jsonl, .parquet, hf); "
+                                   "default 'text'")
+    format: Literal["auto", "txt", "jsonl", "parquet", "wikixml"] | None = Field(
+        None, description="default auto: by each file's extension")
+    txt_documents: Literal["blank_line", "file", "line"] | None = Field(
+        None,
+        description="how a .txt file is cut into documents: at blank lines (the default, BERT's "
+        "convention), one document per file, or one per line",
     )
     max_documents: int | None = Field(None, ge=1)
 

@@ -116,18 +116,18 @@ def detect_format(path: Path) -> str | None:
 def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_attempts: int = 3,
                    download_backoff_s: float = 1.0) -> ResolvedSource:
     """Find or fetch the source's files; nothing is read yet."""
-    options = {"text_field": spec.text_field, "txt_documents": spec.txt_documents, "first_line_title": False}
-    src = ResolvedSource(index, spec.label, "", "", spec.format, options=options,
+    # An embedded source's manifest says how to read its data; what the user set (not None) still wins.
+    entry = embedded_entry(spec.name, index) if spec.name else {}
+
+    def setting(key: str, default: Any) -> Any:
+        value = getattr(spec, key, None)
+        return value if value is not None else entry.get(key, default)
+
+    options = {"text_field": setting("text_field", "text"), "txt_documents": setting("txt_documents", "blank_line"),
+               "first_line_title": setting("first_line_title", False)}
+    src = ResolvedSource(index, spec.label, "", "", setting("format", "auto"), options=options,
                          max_documents=spec.max_documents)
     if spec.name:
-        entry = embedded_entry(spec.name, index)
-        # The manifest says how to read its data; what the user set explicitly still wins.
-        for key in ("format", "txt_documents", "text_field", "first_line_title"):
-            if key in entry and key not in spec.model_fields_set:
-                if key == "format":
-                    src.format = entry[key]
-                else:
-                    options[key] = entry[key]
         folder, marker = fetch_embedded(spec.name, entry, cache_dir)
         src.kind, src.location = "name", str(folder)
         src.files = [folder / rel for rel in sorted(marker["members"])]

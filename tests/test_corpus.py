@@ -195,3 +195,20 @@ def test_reader_errors_reach_the_user(corpus_config, workdir: Path) -> None:
     with pytest.raises(StageError, match="Hugging Face dataset 'someone/corpus'"):
         run_stage(STAGE, corpus_config([{"hf": "someone/corpus"}]), workdir, upstream={})
     assert not (workdir / "corpus").exists()
+
+
+def test_embedded_sources_read_alike_after_a_config_round_trip(make_config) -> None:
+    """The flow re-validates the dumped configuration (and config.yaml is reloaded by users): an
+    embedded source must still be read with its own format and document rules, not the defaults."""
+    from tasks.config import validate_config
+    from tasks.sources import resolve_source
+
+    cfg = make_config()
+    again = validate_config(cfg.model_dump(mode="json"))
+    cache = cfg.run.resolved_cache_dir()
+    for i, (a, b) in enumerate(zip(cfg.corpus.sources, again.corpus.sources, strict=True)):
+        ra, rb = resolve_source(a, i, cache), resolve_source(b, i, cache)
+        assert (ra.format, ra.options) == (rb.format, rb.options)
+    wiki = resolve_source(again.corpus.sources[0], 0, cache)
+    bbc = resolve_source(again.corpus.sources[1], 1, cache)
+    assert wiki.format == "wikixml" and bbc.options["txt_documents"] == "file"
