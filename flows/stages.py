@@ -9,12 +9,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import tracking
-from tasks import corpus, pairs, tokenizer
+from tasks import cache, corpus, pairs, teacher, tokenizer
 from tasks.config import PipelineConfig
 from tasks.stage import StageRecord, StageSpec, run_stage
 
-# Pipeline order. The teacher, cache, distilbert, albert and evaluate stages join as they are built.
-SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE)}
+# Pipeline order. The distilbert, albert and evaluate stages join as they are built.
+SPECS: dict[str, StageSpec] = {
+    spec.name: spec for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE)
+}
 STAGES: tuple[str, ...] = tuple(SPECS)
 
 

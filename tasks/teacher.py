@@ -37,6 +37,7 @@ from tasks.config import PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
 
 MODEL_DIR = "model"
+REGISTERED_NAME = "lightbert-teacher"  # in MLflow's model registry
 CHECKPOINTS = "checkpoints"
 
 
@@ -184,6 +185,7 @@ def build_teacher(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         artifacts=sorted(p.relative_to(ctx.out_dir).as_posix() for p in model_dir.iterdir() if p.is_file()
                          and p.suffix != ".safetensors"),
         details=details,
+        models=[{"path": MODEL_DIR, "name": REGISTERED_NAME}],
     )
 
 
