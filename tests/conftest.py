@@ -73,3 +73,18 @@ def write_text_corpus(folder: Path, documents: int = 60, seed: int = 0) -> Path:
 @pytest.fixture
 def text_corpus(tmp_path: Path) -> Path:
     return write_text_corpus(tmp_path / "corpus-src")
+
+
+@pytest.fixture(scope="session")
+def smoke_stages(tmp_path_factory) -> dict:
+    """The smoke preset's stages through the teacher cache, on the embedded corpora, built once per
+    test session (about half a minute on 2 cores; the corpora come from the package registry once)."""
+    from tasks import cache, corpus, pairs, teacher, tokenizer
+    from tasks.stage import run_stage
+
+    cfg, _ = load_config("smoke", overrides=["run.progress=false"])
+    workdir = tmp_path_factory.mktemp("smoke-stages")
+    records: dict = {}
+    for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE):
+        records[spec.name] = run_stage(spec, cfg, workdir, {u: records[u] for u in spec.upstream})
+    return {"config": cfg, "workdir": workdir, "records": records}

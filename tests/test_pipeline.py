@@ -13,10 +13,9 @@ import pytest
 import yaml
 from helpers import tiny_overrides
 
+from flows.stages import STAGES  # every stage that exists so far, in order
 from tasks.config import load_config
 from tasks.stage import read_manifest
-
-STAGES = ["corpus", "tokenizer", "pairs"]
 
 
 def _runs(workdir: Path):
@@ -38,7 +37,7 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
 
     cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus))
     out = lightbert_pipeline(cfg.model_dump(mode="json"), str(workdir), preset="smoke")
-    assert list(out) == STAGES
+    assert tuple(out) == STAGES
     assert (workdir / "config.yaml").is_file()
     stamps = {s: read_manifest(workdir / s)["output_fingerprint"] for s in STAGES}
 
@@ -53,6 +52,10 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
         assert run.data.metrics["stage_seconds"] >= 0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "manifest.json" in artifacts
+    # the teacher is in the model registry, once, tagged with the output it came from
+    versions = client.search_model_versions("name='lightbert-teacher'")
+    assert len(versions) == 1 and versions[0].run_id == first["teacher"].info.run_id
+    assert versions[0].tags["lightbert.output_fingerprint"] == stamps["teacher"]
     outputs = [a.path for a in client.list_artifacts(first["tokenizer"].info.run_id, "outputs")]
     assert any(p.endswith("tokenizer.json") for p in outputs)
     # lineage: pairs consumed corpus and tokenizer outputs, and produced its own datasets
@@ -69,13 +72,15 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
         assert second[stage].data.tags["lightbert.cached"] == "true"
         assert second[stage].data.tags["lightbert.produced_by_run"] == first[stage].info.run_id
         assert (workdir / stage / "manifest.json").stat().st_mtime_ns == mtimes[stage]
+    assert len(client.search_model_versions("name='lightbert-teacher'")) == 1  # a reused teacher adds none
 
     # A pairs setting changes: only pairs is rebuilt.
     cfg2, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=3"))
     lightbert_pipeline(cfg2.model_dump(mode="json"), str(workdir), preset="smoke")
     _, parents, children = _runs(workdir)
     third = children[parents[2].info.run_id]
-    assert [third[s].data.tags["lightbert.cached"] for s in STAGES] == ["true", "true", "false"]
+    assert [third[s].data.tags["lightbert.cached"] for s in STAGES[:3]] == ["true", "true", "false"]
+    assert all(third[s].data.tags["lightbert.cached"] == "false" for s in STAGES[3:])  # downstream of pairs
     assert "config changed (pairs.dupe_factor: 2 -> 3)" in third["pairs"].data.tags["lightbert.reason"]
 
 
@@ -91,7 +96,7 @@ def test_cli_resumes_after_kill_9_without_redoing_finished_stages(tmp_path, text
     data = cfg.model_dump(mode="json")
     conf.write_text(yaml.safe_dump(data))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    cmd = _cli("run", "--preset", "smoke", "--config", str(conf), "--workdir", str(workdir))
+    cmd = _cli("run", "--preset", "smoke", "--config", str(conf), "--workdir", str(workdir), "--until", "pairs")
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
