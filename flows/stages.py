@@ -49,6 +49,7 @@ def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: 
                            metrics_sink=tracking.log_metrics)
         tracking.log_stage(record, {name: upstream[name] for name in spec.upstream})
         tracking.register_models(record)
+        tracking.log_ablations(record, run_id)
     get_run_logger().info(summary_line(record))
     if record.cached:
         return Completed(data=record, name="Cached", message=f"reused {record.dir}")

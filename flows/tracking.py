@@ -213,3 +213,22 @@ def register_models(record: StageRecord) -> list[tuple[str, str]]:
         mlflow.set_tag(f"lightbert.registered.{name}", version)
         registered.append((name, version))
     return registered
+
+
+def log_ablations(record: StageRecord, stage_run_id: str) -> None:
+    """A stage's ablation rows (details["ablations"]: [{"row": name, metric: value, ...}]) become
+    nested runs under the stage's run, and one table of them on the stage's run."""
+    rows = record.manifest.get("details", {}).get("ablations") or []
+    if not rows:
+        return
+    mlflow = _mlflow()
+    for row in rows:
+        name = str(row.get("row", "row"))
+        with mlflow.start_run(run_name=f"{record.name}/{name}", nested=True, parent_run_id=stage_run_id):
+            mlflow.set_tags({"lightbert.stage": record.name, "lightbert.ablation": name,
+                             "lightbert.cached": str(record.cached).lower()})
+            mlflow.log_params({k: str(v)[:PARAM_MAX_LEN] for k, v in row.items()
+                               if not isinstance(v, int | float) or isinstance(v, bool)})
+            log_metrics({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "row", k))
+    mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file="ablations.json")
