@@ -352,9 +352,10 @@ def train(
             if k % rt.world_size == rt.rank:
                 mine.append(idx)
         for j, idx in enumerate(mine):
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in collate(train_data[idx]).items()}
-            window_tokens += _count_tokens(batch)
-            window_padded += next(iter(batch.values())).numel()
+            host_batch = collate(train_data[idx])
+            window_tokens += _count_tokens(host_batch)  # counted on the host: no device sync per micro-batch
+            window_padded += next(iter(host_batch.values())).numel()
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in host_batch.items()}
             window_rows += len(idx)
             no_sync = rt.distributed and j < len(mine) - 1
             with wrapped.no_sync() if no_sync else contextlib.nullcontext():
