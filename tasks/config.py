@@ -233,9 +233,10 @@ class CacheConfig(Section):
     top_k: int = Field(64, ge=1, description="soft labels per position: the teacher's k likeliest tokens")
     positions: Literal["masked", "all"] = Field(
         "masked", description="where soft labels are kept: the masked positions or every real token")
-    hidden_layers: Literal["last"] | list[int] = Field(
-        "last", description="teacher hidden states kept (fp16, every real token): 'last' or layer numbers "
-        "(1 = first transformer layer, 0 = embeddings)")
+    hidden_layers: Literal["last", "mapped"] | list[int] = Field(
+        "last", description="teacher hidden states kept (fp16, every real token): 'last', layer numbers "
+        "(1 = first transformer layer, 0 = embeddings), or 'mapped': the teacher layers of "
+        "distilbert.layer_map and the last (what distilbert.cos_layers=mapped needs)")
     splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["train", "validation"])
     views: list[Literal["nsp", "sop"]] = Field(
         default_factory=lambda: ["nsp"],
@@ -251,7 +252,7 @@ class CacheConfig(Section):
     def _layers(cls, v: str | list[int]) -> str | list[int]:
         if isinstance(v, list):
             if not v or min(v) < 0 or len(set(v)) != len(v):
-                raise ValueError(f"hidden_layers must be 'last' or distinct layer numbers >= 0 (got {v}); "
+                raise ValueError(f"hidden_layers must be 'last', 'mapped' or distinct layer numbers >= 0 (got {v}); "
                                  "e.g. [2, 4] (0 = embeddings)")
             return sorted(v)
         return v
@@ -262,6 +263,57 @@ class CacheConfig(Section):
         if not v or len(set(v)) != len(v):
             raise ValueError(f"needs at least one entry and no repeats (got {v})")
         return v
+
+
+# ---------------------------------------------------------------------------------------------
+# distilbert: the student with half the teacher's layers, initialised from it (tasks/distilbert.py)
+# ---------------------------------------------------------------------------------------------
+ABLATION_ROWS = ("triple", "no_cos", "no_cos_no_mlm", "random_init", "random_init_mlm_only")
+TABLE4_ROWS = ABLATION_ROWS[:4]  # the DistilBERT paper's Table 4 rows; the fifth is the no-teacher baseline
+
+
+class DistilbertConfig(Section):
+    num_layers: int | None = Field(None, ge=1, description="student layers; None = half the teacher's "
+                                   "(or len(layer_map))")
+    layer_map: list[int] | None = Field(
+        None, description="teacher layer (1-based) each student layer is initialised from, increasing; "
+        "None = every second layer ending at the last: [2, 4, ..., L]")
+    init: Literal["teacher", "random"] = Field("teacher", description="teacher: embeddings, mapped layers and "
+                                               "MLM head copied from the teacher; random: fresh weights")
+    alpha_ce: float = Field(5.0, ge=0.0, description="weight of the soft-label KL loss (x T^2)")
+    alpha_mlm: float = Field(2.0, ge=0.0, description="weight of the masked-LM cross-entropy on true tokens")
+    alpha_cos: float = Field(1.0, ge=0.0, description="weight of the hidden-state cosine loss")
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature of the soft-label loss")
+    cos_layers: Literal["last", "mapped"] = Field(
+        "last", description="last: student's last layer vs teacher's last (DistilBERT's code); mapped: every "
+        "student layer vs its mapped teacher layer (needs cache.hidden_layers: mapped in cached mode)")
+    mode: Literal["cached", "online"] = Field(
+        "cached", description="cached: the teacher's top-k and hidden states from the cache stage; online: "
+        "the teacher runs in every step (full distribution; the baseline)")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None = the teacher's")
+    train: TrainingConfig = Field(default_factory=TrainingConfig)
+    ablations: bool | list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
+        False, description=f"also train ablation rows at the same step budget: true = the paper's Table 4 "
+        f"{list(TABLE4_ROWS)}, or a list of {list(ABLATION_ROWS)}")
+
+    @model_validator(mode="after")
+    def _layer_map(self) -> DistilbertConfig:
+        m = self.layer_map
+        if m is not None:
+            if not m or min(m) < 1 or any(b <= a for a, b in zip(m, m[1:], strict=False)):
+                raise ValueError(f"layer_map must be increasing teacher layer numbers from 1 (got {m}); "
+                                 "e.g. [2, 4] for a 4-layer teacher")
+            if self.num_layers is not None and len(m) != self.num_layers:
+                raise ValueError(f"layer_map {m} has {len(m)} entries but num_layers is {self.num_layers}; "
+                                 "give one teacher layer per student layer or leave num_layers unset")
+        if self.alpha_ce + self.alpha_mlm + self.alpha_cos == 0:
+            raise ValueError("alpha_ce, alpha_mlm and alpha_cos are all 0: nothing to train on")
+        return self
+
+    def ablation_rows(self) -> list[str]:
+        if self.ablations is True:
+            return list(TABLE4_ROWS)
+        return list(self.ablations or [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +359,7 @@ class PipelineConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    distilbert: DistilbertConfig = Field(default_factory=DistilbertConfig)
     albert: AlbertSectionConfig = Field(default_factory=AlbertSectionConfig)
 
     @model_validator(mode="after")
@@ -323,6 +376,16 @@ class PipelineConfig(Section):
                 f"cache.hidden_layers {layers} names a layer above the teacher's {self.teacher.num_layers} "
                 f"(teacher.num_layers); use numbers from 0 (embeddings) to {self.teacher.num_layers}"
             )
+        dmap = self.distilbert.layer_map
+        if dmap is not None and not self.teacher.pretrained and max(dmap) > self.teacher.num_layers:
+            raise ValueError(
+                f"distilbert.layer_map {dmap} names a layer above the teacher's {self.teacher.num_layers} "
+                f"(teacher.num_layers); use numbers from 1 to {self.teacher.num_layers}"
+            )
+        if (self.distilbert.num_layers is not None and not self.teacher.pretrained
+                and self.distilbert.num_layers > self.teacher.num_layers):
+            raise ValueError(f"distilbert.num_layers ({self.distilbert.num_layers}) is more than the teacher's "
+                             f"{self.teacher.num_layers} layers (teacher.num_layers)")
         return self
 
     def section(self, name: str) -> dict[str, Any]:
