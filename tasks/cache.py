@@ -31,6 +31,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import BertConfig, BertForPreTraining
 
+from models.distilbert import resolve_layer_map
 from tasks import engine
 from tasks.artifacts import atomic_write_json, sha256_file
 from tasks.cache_format import (
@@ -85,7 +86,17 @@ class PartSize:
 # ------------------------------------------------------------------------------------------------
 # planning and the byte budget
 # ------------------------------------------------------------------------------------------------
-def resolve_layers(setting: str | list[int], num_layers: int) -> list[int]:
+def resolve_layers(setting: str | list[int], num_layers: int, cfg: PipelineConfig | None = None) -> list[int]:
+    """The teacher layers cache.hidden_layers names; 'mapped' = distilbert.layer_map's and the last (the
+    cache and the distilbert stage both resolve it here, so they agree)."""
+    if setting == "mapped":
+        if cfg is None:
+            raise ValueError("cache.hidden_layers=mapped is resolved from the configuration's distilbert section")
+        try:
+            mapped = resolve_layer_map(num_layers, cfg.distilbert.num_layers, cfg.distilbert.layer_map)
+        except ValueError as exc:
+            raise StageError(str(exc)) from exc
+        return sorted({*mapped, num_layers})
     layers = [num_layers] if setting == "last" else list(setting)
     bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if bad:
@@ -283,7 +294,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     if not (model_dir / "config.json").is_file():
         raise StageError(f"{model_dir} holds no saved teacher: rerun the teacher stage")
     tconf = BertConfig.from_pretrained(model_dir)
-    layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers)
+    layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
     if cc.top_k > tconf.vocab_size:
         raise StageError(f"cache.top_k = {cc.top_k} is more than the teacher's vocabulary ({tconf.vocab_size}); "
                          f"at most {tconf.vocab_size} (which keeps the full distribution)")
@@ -426,11 +437,18 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
     }
 
 
+def cache_key(cfg: PipelineConfig) -> dict[str, Any]:
+    key: dict[str, Any] = {"cache": cfg.section("cache")}
+    if cfg.cache.hidden_layers == "mapped":  # which layers 'mapped' means comes from the student's section
+        key["distilbert_layers"] = {"num_layers": cfg.distilbert.num_layers, "layer_map": cfg.distilbert.layer_map}
+    return key
+
+
 STAGE = StageSpec(
     name="cache",
     build=build_cache,
     upstream=("teacher", "pairs"),
-    key_config=lambda cfg: {"cache": cfg.section("cache")},
+    key_config=cache_key,
     # tasks.engine is left out on purpose: the padding and device helpers used here do not change the
     # values, and an engine change must not throw away a cache of many GB.
     code_modules=("tasks.cache_format",),

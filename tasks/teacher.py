@@ -14,6 +14,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,37 +64,56 @@ def most_frequent_label(ds: Dataset) -> int:
     return int(counts.field("values")[top].as_py())
 
 
-def evaluate_pretraining(model: BertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
-                         rt: engine.Runtime, baseline_token: int | None = None) -> dict[str, float]:
-    """Held-out MLM accuracy and perplexity (exp of the mean cross-entropy over all masked tokens),
-    NSP accuracy; with baseline_token, the accuracy of always answering that token."""
+# (mlm_logits (n, V), mlm_labels (n,), nsp_logits (B, 2) or None) of a padded batch
+MaskedLMPredict = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def evaluate_masked_lm(model: torch.nn.Module, predict: MaskedLMPredict, ds: Dataset, collate: engine.PadCollator,
+                       batch_size: int, rt: engine.Runtime, baseline_token: int | None = None) -> dict[str, float]:
+    """Held-out MLM accuracy and perplexity (exp of the mean cross-entropy over all masked tokens), NSP
+    accuracy when `predict` gives NSP logits; with baseline_token, the accuracy of always answering it.
+    Any masked LM: the teacher (evaluate_pretraining) and the students pass their own `predict`."""
     totals = dict.fromkeys(("masked", "correct", "ce", "pairs", "nsp_correct", "baseline"), 0.0)
     lengths = np.asarray(ds["length"])
     was_training = model.training
     model.eval()
+    has_nsp = False
     with torch.no_grad(), rt.autocast():
         for idx in engine.length_bucketed_batches(lengths, batch_size, seed=0, epoch=0):
             batch = {k: v.to(rt.device) for k, v in collate(ds[idx]).items()}
-            out = pretraining_forward(model, batch)
-            totals["masked"] += out.mlm_labels.numel()
-            totals["correct"] += (out.mlm_logits.argmax(-1) == out.mlm_labels).sum().item()
-            totals["ce"] += F.cross_entropy(out.mlm_logits.float(), out.mlm_labels, reduction="sum").item()
+            logits, labels, nsp_logits = predict(batch)
+            totals["masked"] += labels.numel()
+            totals["correct"] += (logits.argmax(-1) == labels).sum().item()
+            totals["ce"] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             if baseline_token is not None:
-                totals["baseline"] += (out.mlm_labels == baseline_token).sum().item()
+                totals["baseline"] += (labels == baseline_token).sum().item()
             totals["pairs"] += len(idx)
-            nsp = batch["next_sentence_label"]
-            totals["nsp_correct"] += (out.nsp_logits.argmax(-1) == nsp).sum().item()
+            if nsp_logits is not None:
+                has_nsp = True
+                totals["nsp_correct"] += (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
     model.train(was_training)
     masked = max(totals["masked"], 1.0)
     metrics = {
         "val_mlm_accuracy": totals["correct"] / masked,
         "val_mlm_perplexity": float(np.exp(totals["ce"] / masked)),
         "val_mlm_loss": totals["ce"] / masked,
-        "val_nsp_accuracy": totals["nsp_correct"] / max(totals["pairs"], 1.0),
     }
+    if has_nsp:
+        metrics["val_nsp_accuracy"] = totals["nsp_correct"] / max(totals["pairs"], 1.0)
     if baseline_token is not None:
         metrics["baseline_mlm_accuracy"] = totals["baseline"] / masked
     return metrics
+
+
+def evaluate_pretraining(model: BertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
+                         rt: engine.Runtime, baseline_token: int | None = None) -> dict[str, float]:
+    """The teacher's held-out MLM and NSP metrics (evaluate_masked_lm with BERT's pretraining forward)."""
+
+    def predict(batch: dict[str, torch.Tensor]):
+        out = pretraining_forward(model, batch)
+        return out.mlm_logits, out.mlm_labels, out.nsp_logits
+
+    return evaluate_masked_lm(model, predict, ds, collate, batch_size, rt, baseline_token)
 
 
 def load_pretrained_teacher(source: str) -> tuple[BertForPreTraining, dict[str, Any]]:

@@ -1,0 +1,87 @@
+"""DistilBERT's triple loss, L = a_ce * Lce + a_mlm * Lmlm + a_cos * Lcos (Sanh et al. 2019), in pure torch.
+
+Lce, the soft-label loss, on a shared support. The teacher's distribution at a position is known on a
+support S: its top-k tokens from the cache (tasks/cache_format.py), or the whole vocabulary when the
+teacher runs in the same step. Teacher and student are both normalised over the SAME support at
+temperature T:
+
+    p_T = softmax(z_teacher / T) restricted to S and renormalised  (cache_format.soft_targets from the
+          stored T=1 probabilities: p_i^(1/T) / sum_{j in S} p_j^(1/T))
+    q_T = softmax(z_student[S] / T)                                (the student's logits gathered at S)
+    Lce = T^2 * mean over positions of KL(p_T || q_T)
+
+This is the KL between the two distributions conditioned on S. Renormalising only the teacher (and
+taking the student's log-softmax over the whole vocabulary) would instead push the student to put all
+its mass on S, which the teacher does not do whenever the top-k mass is below 1. With S = the whole
+vocabulary (k = V, or the online teacher) it is exactly DistilBERT's KL on the full softmax. The T^2
+keeps the gradient scale independent of T (Hinton et al. 2015). Positions: those with soft labels, the
+masked positions by default (as DistilBERT's code).
+
+Lmlm: cross-entropy of the student's full-vocabulary logits against the true tokens at the masked positions.
+Lcos: 1 - cosine(student hidden, teacher hidden) averaged over the real (non-padding) tokens, for one
+pair of layers (the last ones, as DistilBERT's code) or averaged over several (each student layer and
+its mapped teacher layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.bert import masked_lm_loss
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 5.0
+    mlm: float = 2.0
+    cos: float = 1.0
+    temperature: float = 2.0
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean KL(teacher || student) over positions, both over the same support.
+
+    student_logits: (P, S) the student's logits at the support's tokens (T = 1, not yet divided).
+    teacher_probs:  (P, S) the teacher's distribution at temperature T over the same support (rows sum to 1).
+    """
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    # kl_div takes xlogy(p, p): a zero teacher probability contributes 0, not NaN
+    return F.kl_div(log_q, teacher_probs.float(), reduction="batchmean") * temperature ** 2
+
+
+def gather_support(student_logits: torch.Tensor, support_ids: torch.Tensor) -> torch.Tensor:
+    """(P, V) full-vocabulary logits -> (P, k) logits at each row's support ids (the teacher's top-k)."""
+    return torch.gather(student_logits, 1, support_ids.long())
+
+
+def cosine_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layer pairs of mean over real tokens of 1 - cos(student, teacher); (B, T, H) each,
+    token_mask (B, T) True at real tokens."""
+    where = token_mask.bool()
+    losses = []
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        s_tok, t_tok = s[where].float(), t[where].float()
+        if s_tok.shape[0] == 0:
+            losses.append(s_tok.sum() * 0.0)
+            continue
+        losses.append((1.0 - F.cosine_similarity(s_tok, t_tok, dim=-1)).mean())
+    return torch.stack(losses).mean()
+
+
+def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the true tokens where labels != -100 (rows of student_logits aligned with labels)."""
+    where = labels != -100
+    return masked_lm_loss(student_logits[where], labels[where])
+
+
+def combine(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """a_ce * ce_loss + a_mlm * mlm_loss + a_cos * cos_loss over the terms present."""
+    coef = {"ce_loss": weights.ce, "mlm_loss": weights.mlm, "cos_loss": weights.cos}
+    return sum(coef[name] * value for name, value in terms.items())  # type: ignore[return-value]
