@@ -141,16 +141,6 @@ def init_student_from_teacher(teacher: nn.Module, student: DistilBertForMaskedLM
     return mapping
 
 
-def student_hidden_states(student: DistilBertForMaskedLM, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """The output of every student layer, in order (the embeddings not included)."""
-    out = student.distilbert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                             return_dict=True)
-    states = list(out.hidden_states)
-    n = student.config.n_layers
-    return states[-n:]  # transformers versions differ on whether the embeddings come first
-
-
 def mlm_head(student: DistilBertForMaskedLM, hidden: torch.Tensor) -> torch.Tensor:
     """DistilBERT's MLM head on (N, dim) hidden states gathered where a loss is: (N, vocab) logits."""
     x = student.vocab_transform(hidden)
