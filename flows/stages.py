@@ -9,13 +9,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import tracking
-from tasks import cache, corpus, pairs, teacher, tokenizer
+from tasks import albert, cache, corpus, distilbert, pairs, teacher, tokenizer
 from tasks.config import PipelineConfig
 from tasks.stage import StageRecord, StageSpec, run_stage
 
-# Pipeline order. The distilbert, albert and evaluate stages join as they are built.
+# Pipeline order. The evaluate stage joins when it is built.
 SPECS: dict[str, StageSpec] = {
-    spec.name: spec for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE)
+    spec.name: spec
+    for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE, distilbert.STAGE,
+                 albert.STAGE)
 }
 STAGES: tuple[str, ...] = tuple(SPECS)
 
