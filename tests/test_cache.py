@@ -27,7 +27,7 @@ from tasks.stage import PARTIAL, StageError, StageRecord, run_stage
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, HIDDEN, LAYERS = 50, 32, 2
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
-SMALL = ("cache.top_k=8", "cache.examples_per_shard=16", "cache.batch_tokens=256")
+SMALL = ("cache.top_k=8", "cache.examples_per_shard=16", "cache.batch_tokens=256", "cache.views=[nsp]")
 
 
 def record(name: str, root: Path) -> StageRecord:
