@@ -107,8 +107,9 @@ def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[fl
 def evaluate_albert(model: AlbertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
                     rt: engine.Runtime) -> dict[str, float]:
     """Held-out MLM accuracy / loss / perplexity over every masked token and SOP accuracy over every
-    example of the SOP view, with the SOP accuracy's 95% Wilson interval."""
-    totals = dict.fromkeys(("masked", "correct", "ce", "pairs", "sop_correct"), 0.0)
+    example of the SOP view, with the SOP accuracy's 95% Wilson interval and the accuracy of always
+    answering the more frequent order (a small validation split is rarely exactly half swapped)."""
+    totals = dict.fromkeys(("masked", "correct", "ce", "pairs", "sop_correct", "sop_swapped"), 0.0)
     lengths = np.asarray(ds[LENGTH])
     was_training = model.training
     model.eval()
@@ -121,6 +122,7 @@ def evaluate_albert(model: AlbertForPreTraining, ds: Dataset, collate: engine.Pa
             totals["ce"] += F.cross_entropy(out.mlm_logits.float(), out.mlm_labels, reduction="sum").item()
             totals["pairs"] += len(idx)
             totals["sop_correct"] += (out.sop_logits.argmax(-1) == batch["sentence_order_label"]).sum().item()
+            totals["sop_swapped"] += batch["sentence_order_label"].sum().item()
     model.train(was_training)
     masked = max(totals["masked"], 1.0)
     low, high = wilson_interval(totals["sop_correct"], totals["pairs"])
@@ -131,6 +133,9 @@ def evaluate_albert(model: AlbertForPreTraining, ds: Dataset, collate: engine.Pa
         "val_sop_accuracy": totals["sop_correct"] / max(totals["pairs"], 1.0),
         "val_sop_ci_low": low,
         "val_sop_ci_high": high,
+        # what always answering the more frequent order scores: the chance level to beat
+        "val_sop_majority_accuracy": max(totals["sop_swapped"], totals["pairs"] - totals["sop_swapped"])
+        / max(totals["pairs"], 1.0),
     }
 
 

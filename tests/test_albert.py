@@ -52,6 +52,7 @@ def test_stage_trains_and_saves_both_variants(smoke_stages, tmp_path):
         assert counts[f"{variant}_train_tokens_per_s"] > 0
         low, acc, high = (counts[f"{variant}_val_sop_{k}"] for k in ("ci_low", "accuracy", "ci_high"))
         assert 0 <= low <= acc <= high <= 1
+        assert 0.5 <= counts[f"{variant}_val_sop_majority_accuracy"] <= 1
         assert 0 < counts[f"{variant}_val_mlm_accuracy"] < 1
         assert counts[f"{variant}_train_mlm_loss"] < math.log(vocab)  # it learned something
         model_dir = record.dir / variant / "model"
