@@ -88,3 +88,15 @@ def smoke_stages(tmp_path_factory) -> dict:
     for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE):
         records[spec.name] = run_stage(spec, cfg, workdir, {u: records[u] for u in spec.upstream})
     return {"config": cfg, "workdir": workdir, "records": records}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train as fast on one thread, and a second thread's OpenMP spin-waits make them
+    ten times slower when another process shares the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ import math
 import shutil
 
 import pytest
-import torch
 from transformers import AlbertForMaskedLM, AutoModelForMaskedLM, AutoTokenizer
 
 from models.albert import count_parameters, load_albert
@@ -16,16 +15,10 @@ from tasks.artifacts import sha256_json
 from tasks.config import load_config
 from tasks.stage import PARTIAL, StageError, cache_key_parts, read_manifest, run_stage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHORT = ["run.progress=false", "albert.train.max_steps=40", "albert.train.warmup_steps=4",
          "albert.train.checkpoint_every=20", "albert.train.log_every=10"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def upstream(smoke_stages) -> dict:

@@ -31,16 +31,9 @@ from tasks.config import load_config
 from tasks.pairs import FEATURES
 from tasks.stage import StageError, StageRecord, read_manifest, run_stage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PAD = 0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train as fast on one thread, and do not fight another process for the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_teacher(layers: int = 4, vocab: int = VOCAB, seed: int = 0) -> BertForPreTraining:

@@ -25,19 +25,11 @@ from models.bert import (
 from tasks import engine
 from tasks.config import TrainingConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 48
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 COLLATE = engine.PadCollator(PRETRAINING_INPUTS, {"input_ids": PAD, "labels": IGNORE_INDEX})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train as fast on one thread, and a second thread's OpenMP spin-waits make them
-    ten times slower when another process shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_pairs(n: int, seed: int = 0, min_len: int = 8, max_len: int = 24, n_masked: int | None = None) -> Dataset:

@@ -22,19 +22,13 @@ from models.albert import (
 )
 from models.bert import IGNORE_INDEX
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ALBERT paper (Lan et al. 2020) Tables 3 and 4, base shape V=30000, H=768, L=12, 12 heads, FF 3072.
 PAPER_PARAMETERS = [(128, "all", 12e6), (128, "attention", 64e6), (128, "ffn", 38e6), (128, "none", 89e6),
                     (768, "all", 31e6), (768, "none", 108e6)]
 WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(sharing: str, **kw):

@@ -15,21 +15,13 @@ from tasks import teacher
 from tasks.artifacts import hash_tree, sha256_json
 from tasks.stage import StageRecord, read_manifest, run_stage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [f"w{i}" for i in range(36)]
 # Documents repeat one of these motifs: a masked word follows from its neighbours, and a B' that
 # continues A's motif (next_sentence_label 0) differs from a random one (1).
 MOTIFS = [WORDS[i:i + 4] for i in range(0, 36, 4)] + [WORDS[i:i + 3] for i in range(1, 36, 6)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train as fast on one thread, and a second thread's OpenMP spin-waits make them
-    ten times slower when another process shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record(name: str, root: Path) -> StageRecord:
