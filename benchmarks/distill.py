@@ -21,8 +21,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from benchmarks.teacher_cache import PAD, synthetic_pairs  # noqa: E402
+from benchmarks.teacher_cache import PAD, synthetic_pairs, timed_training  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
 from tasks import cache, distilbert, engine  # noqa: E402
@@ -40,18 +38,6 @@ from tasks.stage import StageRecord, run_stage  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 1024, "steps": 15}, "gpu": {"examples": 32768, "steps": 60},
             "smoke": {"examples": 1024, "steps": 20}}
-
-
-def timed_training(student, loss_fn, data, collate, train_cfg, rt) -> tuple[float, float | None]:
-    """(tokens/s, mean MFU or None) of the steps after a 3-step warm-up that is not counted."""
-    import copy
-
-    engine.train(copy.deepcopy(student), loss_fn, data, train_cfg.model_copy(update={"max_steps": 3}), collate,
-                 seed=1, runtime=rt)
-    mfu: list[float] = []
-    result = engine.train(copy.deepcopy(student), loss_fn, data, train_cfg, collate, seed=0, runtime=rt,
-                          metrics_sink=lambda m, s: mfu.append(m["mfu"]) if "mfu" in m else None)
-    return result.tokens_per_s, (float(np.mean(mfu)) if mfu else None)
 
 
 def main() -> None:

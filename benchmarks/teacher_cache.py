@@ -77,16 +77,20 @@ def synthetic_pairs(n: int, max_seq_len: int, vocab_size: int, seed: int = 0) ->
     return cols
 
 
-def train_tokens_per_s(model, loss_fn, ds, batch_size: int, steps: int, collate, rt) -> tuple[float, float | None]:
-    """(tokens/s, mean MFU or None) of `steps` optimizer steps after a 3-step warm-up (not counted)."""
-    cfg = TrainingConfig(max_steps=steps, batch_size=batch_size, effective_batch_size=batch_size, warmup_steps=1,
-                         checkpoint_every=0, eval_every=0, log_every=max(1, steps // 5))
-    engine.train(copy.deepcopy(model), loss_fn, ds, cfg.model_copy(update={"max_steps": 3}), collate, seed=1,
+def timed_training(model, loss_fn, data, collate, cfg: TrainingConfig, rt) -> tuple[float, float | None]:
+    """(tokens/s, mean MFU or None) of cfg.max_steps optimizer steps after a 3-step warm-up (not counted)."""
+    engine.train(copy.deepcopy(model), loss_fn, data, cfg.model_copy(update={"max_steps": 3}), collate, seed=1,
                  runtime=rt)
     mfu: list[float] = []
-    result = engine.train(copy.deepcopy(model), loss_fn, ds, cfg, collate, seed=0, runtime=rt,
+    result = engine.train(copy.deepcopy(model), loss_fn, data, cfg, collate, seed=0, runtime=rt,
                           metrics_sink=lambda m, s: mfu.append(m["mfu"]) if "mfu" in m else None)
     return result.tokens_per_s, (float(np.mean(mfu)) if mfu else None)
+
+
+def train_tokens_per_s(model, loss_fn, ds, batch_size: int, steps: int, collate, rt) -> tuple[float, float | None]:
+    cfg = TrainingConfig(max_steps=steps, batch_size=batch_size, effective_batch_size=batch_size, warmup_steps=1,
+                         checkpoint_every=0, eval_every=0, log_every=max(1, steps // 5))
+    return timed_training(model, loss_fn, ds, collate, cfg, rt)
 
 
 def main() -> None:
