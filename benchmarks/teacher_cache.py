@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only the cache figures")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    cfg, preset = load_config(args.preset, overrides=["run.progress=false", "cache.splits=[train]",
+    cfg, preset = load_config(args.preset, overrides=["run.progress=false", "cache.splits=[train]", "cache.views=[nsp]",
                                                       "cache.max_bytes=1000000000000", *args.overrides])
     n = DEFAULTS[preset]["examples"] if args.examples is None else args.examples
     steps = args.steps or DEFAULTS[preset]["steps"]
