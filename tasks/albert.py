@@ -55,13 +55,13 @@ from tasks.cache_format import (
 )
 from tasks.config import AlbertSectionConfig, PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
+from tasks.teacher import saved_teacher_dir
 
 VARIANTS = ("scratch", "distilled")
 REGISTERED_NAMES = {"scratch": "lightbert-albert-scratch", "distilled": "lightbert-albert-distilled"}
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
-TEACHER_MODEL_DIR = "model"  # tasks/teacher.py MODEL_DIR
 LENGTH = "sop_length"
 
 
@@ -275,9 +275,7 @@ def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: 
 def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     acfg = cfg.albert
-    teacher_dir = ctx.upstream_dir("teacher") / TEACHER_MODEL_DIR
-    if not (teacher_dir / "config.json").is_file():
-        raise StageError(f"{teacher_dir} holds no saved teacher: rerun the teacher stage")
+    teacher_dir = saved_teacher_dir(ctx)
     teacher = BertConfig.from_pretrained(teacher_dir)
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     config = student_config(acfg, teacher, tok)

@@ -54,9 +54,9 @@ from tasks.cache_format import (
 )
 from tasks.config import PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest
+from tasks.teacher import saved_teacher_dir
 
 PROGRESS = "cache_progress.json"
-TEACHER_MODEL_DIR = "model"  # where the teacher stage saves the model (tasks/teacher.py MODEL_DIR)
 HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
 
 
@@ -290,9 +290,7 @@ def teacher_outputs(model: BertForPreTraining, batch: dict[str, torch.Tensor], v
 def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t_start = time.perf_counter()
     cc = cfg.cache
-    model_dir = ctx.upstream_dir("teacher") / TEACHER_MODEL_DIR
-    if not (model_dir / "config.json").is_file():
-        raise StageError(f"{model_dir} holds no saved teacher: rerun the teacher stage")
+    model_dir = saved_teacher_dir(ctx)
     tconf = BertConfig.from_pretrained(model_dir)
     layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
     if cc.top_k > tconf.vocab_size:

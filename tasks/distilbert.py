@@ -32,11 +32,11 @@ from models.losses import LossWeights, cosine_loss, gather_support, mlm_loss, so
 from models.losses import combine as combine_terms
 from tasks import engine
 from tasks.artifacts import atomic_write_json, atomic_write_text
-from tasks.cache import TEACHER_MODEL_DIR, load_teacher
+from tasks.cache import load_teacher
 from tasks.cache_format import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
 from tasks.config import PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
-from tasks.teacher import evaluate_masked_lm, load_pairs
+from tasks.teacher import evaluate_masked_lm, load_pairs, saved_teacher_dir
 
 MODEL_DIR = "model"
 REGISTERED_NAME = "lightbert-distilbert"  # in MLflow's model registry
@@ -262,9 +262,7 @@ def _read_result(run_dir: Path) -> dict[str, Any] | None:
 def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     d = cfg.distilbert
-    teacher_dir = ctx.upstream_dir("teacher") / TEACHER_MODEL_DIR
-    if not (teacher_dir / "config.json").is_file():
-        raise StageError(f"{teacher_dir} holds no saved teacher: rerun the teacher stage")
+    teacher_dir = saved_teacher_dir(ctx)
     teacher = load_teacher(teacher_dir)
     tconf = teacher.config
     try:

@@ -209,6 +209,14 @@ def build_teacher(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     )
 
 
+def saved_teacher_dir(ctx: StageContext) -> Path:
+    """The teacher stage's saved model and tokenizer, for the stages downstream of it."""
+    path = ctx.upstream_dir("teacher") / MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise StageError(f"{path} holds no saved teacher: rerun the teacher stage")
+    return path
+
+
 def teacher_key(cfg: PipelineConfig) -> dict[str, Any]:
     section = cfg.section("teacher")
     if cfg.teacher.pretrained:
