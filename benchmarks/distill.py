@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,13 +27,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from benchmarks.teacher_cache import PAD, synthetic_pairs, timed_training  # noqa: E402
+from benchmarks.teacher_cache import PAD, run_cache_stage, synthetic_pairs, timed_training, warn_if_busy  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
-from tasks import cache, distilbert, engine  # noqa: E402
+from tasks import distilbert, engine  # noqa: E402
 from tasks.cache_format import CachedPairs  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.stage import StageRecord, run_stage  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 1024, "steps": 15}, "gpu": {"examples": 32768, "steps": 60},
             "smoke": {"examples": 1024, "steps": 20}}
@@ -77,19 +75,12 @@ def main() -> None:
           f"(max_seq_len {cfg.pairs.max_seq_len}); device {device}, {rt.precision}; batch {d.train.batch_size}, "
           f"{steps} timed steps per path; loss weights ce {d.alpha_ce} mlm {d.alpha_mlm} cos {d.alpha_cos}, "
           f"T {d.temperature}, cos_layers {d.cos_layers}")
-    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
-        print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
-              "lower the CPU figures")
+    warn_if_busy(rt)
 
     with tempfile.TemporaryDirectory(prefix="lightbert-distill-bench-") as tmp:
         root = Path(tmp)
-        teacher.save_pretrained(root / "teacher" / "model", safe_serialization=True)
-        ds.save_to_disk(str(root / "pairs" / "train"))
-        upstream = {name: StageRecord(name, root / name, {"output_fingerprint": name}, False, "benchmark")
-                    for name in ("teacher", "pairs")}
-        t0 = time.perf_counter()
-        rec = run_stage(cache.STAGE, cfg, root / "work", upstream)
-        print(f"cache stage: {rec.manifest['counts']['tokens']:,} tokens in {time.perf_counter() - t0:.1f} s "
+        rec, seconds = run_cache_stage(teacher, ds, cfg, root)
+        print(f"cache stage: {rec.manifest['counts']['tokens']:,} tokens in {seconds:.1f} s "
               f"(top_k {cfg.cache.top_k}, layers {rec.manifest['details']['layers']}; built once, read every epoch)")
 
         train_cfg = d.train.model_copy(update={"max_steps": steps, "warmup_steps": 1, "checkpoint_every": 0,

@@ -93,6 +93,23 @@ def train_tokens_per_s(model, loss_fn, ds, batch_size: int, steps: int, collate,
     return timed_training(model, loss_fn, ds, collate, cfg, rt)
 
 
+def warn_if_busy(rt) -> None:
+    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
+        print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
+              "lower the CPU figures a lot (threads oversubscribed)")
+
+
+def run_cache_stage(teacher, pairs_train, cfg, root: Path):
+    """Run the real cache stage over `pairs_train` with `teacher` as its upstream; (record, seconds)."""
+    teacher.save_pretrained(root / "teacher" / "model", safe_serialization=True)
+    pairs_train.save_to_disk(str(root / "pairs" / "train"))
+    upstream = {name: StageRecord(name, root / name, {"output_fingerprint": name}, False, "benchmark")
+                for name in ("teacher", "pairs")}
+    t0 = time.perf_counter()
+    rec = run_stage(cache.STAGE, cfg, root / "work", upstream)
+    return rec, time.perf_counter() - t0
+
+
 def main() -> None:
     import datasets
     import transformers
@@ -129,19 +146,11 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"preset={preset} teacher: {t.num_layers} layers, hidden {t.hidden_size}, vocab {vocab:,}, "
           f"{params / 1e6:.1f} M parameters; device {device}, {rt.precision}; data: {source}")
-    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
-        print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
-              "lower the CPU figures a lot (threads oversubscribed)")
+    warn_if_busy(rt)
 
     with tempfile.TemporaryDirectory(prefix="lightbert-cache-bench-") as tmp:
         root = Path(tmp)
-        model.save_pretrained(root / "teacher" / "model", safe_serialization=True)
-        ds.save_to_disk(str(root / "pairs" / "train"))
-        upstream = {name: StageRecord(name, root / name, {"output_fingerprint": name}, False, "benchmark")
-                    for name in ("teacher", "pairs")}
-        t0 = time.perf_counter()
-        rec = run_stage(cache.STAGE, cfg, root / "work", upstream)
-        wall = time.perf_counter() - t0
+        rec, wall = run_cache_stage(model, ds, cfg, root)
         c = rec.manifest["counts"]
         cc = cfg.cache
         print(f"\ncache (top_k {cc.top_k}, positions {cc.positions}, layers {rec.manifest['details']['layers']}, "
