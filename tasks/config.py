@@ -352,6 +352,64 @@ class AlbertSectionConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluate: every model scored the same way, the comparison report (tasks/evaluate.py)
+# ---------------------------------------------------------------------------------------------
+MODEL_NAMES = ("teacher", "distilbert", "albert-scratch", "albert-distilled")
+
+
+class DownstreamConfig(Section):
+    """Fine-tuning every model on a sentence classification task, with the same budget and seeds."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["movie-sentences"],
+        description="movie-sentences: the embedded Rotten Tomatoes sentences (sentiment from the rating's "
+        "sign); glue/<task> (e.g. glue/sst2): a GLUE task through datasets, needs a hub")
+    max_seq_len: int = Field(64, ge=8, description="tokens per sentence (longer ones are truncated)")
+    epochs: float = Field(2.0, gt=0.0, description="passes over the training split")
+    max_train_examples: int | None = Field(None, ge=1, description="None = the whole training split")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0, description="peak, after warmup; then linear decay to 0")
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="classifier dropout")
+    seeds: list[int] = Field(default_factory=lambda: [1], description="one fine-tuning run per seed and model; "
+                             "the report gives the mean and each run")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="movie-sentences: by a hash of the id")
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="movie-sentences: by a hash of the id")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"seeds needs at least one seed and no repeats (got {v})")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name != "movie-sentences" and not (name.startswith("glue/") and len(name) > 5):
+                raise ValueError(f"unknown downstream task {name!r}; use movie-sentences or glue/<task> "
+                                 "(e.g. glue/sst2)")
+        return v
+
+
+class EvaluateConfig(Section):
+    models: list[Literal[MODEL_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(MODEL_NAMES),
+        description=f"which of {list(MODEL_NAMES)} to evaluate (those the run trained; the teacher is the "
+        "reference of retention and speed-up)")
+    max_eval_examples: int | None = Field(None, ge=1, description="validation pairs scored; None = all")
+    batch_size: int = Field(64, ge=1, description="examples per batch for MLM/NSP/SOP scoring")
+    latency_sentences: int = Field(200, ge=1, description="validation sentences in one timed pass at batch 1")
+    latency_repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
+    latency_threads: int = Field(1, ge=1, description="torch CPU threads while timing (stated in the report)")
+    gpu_batch_size: int = Field(256, ge=1, description="batch of the GPU throughput measure (when a GPU is there)")
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    plots: bool = True
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -361,6 +419,7 @@ class PipelineConfig(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     distilbert: DistilbertConfig = Field(default_factory=DistilbertConfig)
     albert: AlbertSectionConfig = Field(default_factory=AlbertSectionConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> PipelineConfig:
