@@ -1,10 +1,10 @@
-"""`lightbert` command line: run the pipeline, show the resolved configuration, open the MLflow UI."""
+"""`lightbert` command line: run the pipeline or serve it on a schedule, show the resolved configuration,
+start the servers and the MLflow UI."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +20,12 @@ PresetOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"{' | '.join(PRESETS)}; default: gpu when CUDA is available, else cpu.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override one key, e.g. --set pairs.max_seq_len=64 (repeatable).")]
+WorkdirOpt = Annotated[Path | None, typer.Option(help="Where stage outputs and mlflow.db live; "
+                                                      "default ./workdir/<preset>.")]
+UntilOpt = Annotated[str | None, typer.Option(help="Last stage to run: " + ", ".join(ALL_STAGES))]
+TrackingOpt = Annotated[str | None, typer.Option(
+    envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+    help="MLflow tracking URI (a server: http://127.0.0.1:5000); default sqlite:///<workdir>/mlflow.db")]
 
 
 def _quiet_defaults() -> None:
@@ -38,19 +44,9 @@ def _default_workdir(preset: str) -> Path:
     return Path("workdir") / preset
 
 
-@app.command()
-def run(
-    config: ConfigOpt = None,
-    preset: PresetOpt = None,
-    workdir: Annotated[Path | None, typer.Option(help="Where stage outputs and mlflow.db live; "
-                                                      "default ./workdir/<preset>.")] = None,
-    overrides: SetOpt = None,
-    until: Annotated[str | None, typer.Option(help="Last stage to run: " + ", ".join(ALL_STAGES))] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default "
-                                                          "sqlite:///<workdir>/mlflow.db")] = None,
-) -> None:
-    """Run the pipeline; finished stages whose inputs did not change are reused."""
-    _quiet_defaults()
+def _resolve_run(config: Path | None, preset: str | None, overrides: list[str] | None, until: str | None,
+                 workdir: Path | None):
+    """What `run` and `serve` share: the validated configuration, the preset and the absolute workdir."""
     try:
         cfg, preset_name = load_config(preset, config, overrides or [])
     except ConfigError as exc:
@@ -60,7 +56,21 @@ def run(
     if until is not None and until not in STAGES:
         later = f" ('{until}' is not built yet)" if until in ALL_STAGES else ""
         _fail(f"--until {until}: unknown stage{later}; choose one of: {', '.join(STAGES)}")
-    wd = (workdir or _default_workdir(preset_name)).resolve()
+    return cfg, preset_name, (workdir or _default_workdir(preset_name)).resolve()
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    workdir: WorkdirOpt = None,
+    overrides: SetOpt = None,
+    until: UntilOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Run the pipeline; finished stages whose inputs did not change are reused."""
+    _quiet_defaults()
+    cfg, preset_name, wd = _resolve_run(config, preset, overrides, until, workdir)
 
     from flows.pipeline import lightbert_pipeline
     from flows.stages import stages_until
@@ -81,6 +91,42 @@ def run(
     typer.echo(f"\nMLflow: {uri}\n  browse with: lightbert ui --workdir {wd}")
 
 
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help='When to run, as cron: minute hour day month weekday, '
+                                           'e.g. "0 3 * * *" = every day at 03:00.')],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    workdir: WorkdirOpt = None,
+    overrides: SetOpt = None,
+    until: UntilOpt = None,
+    tracking_uri: TrackingOpt = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of --cron, e.g. Europe/Paris.")] = "UTC",
+    name: Annotated[str | None, typer.Option(help="Deployment name; default lightbert-<preset>.")] = None,
+) -> None:
+    """Serve the pipeline on a cron schedule (a Prefect deployment; needs `lightbert server`).
+
+    Each scheduled run reuses every stage whose inputs did not change and rebuilds from the first
+    stage whose inputs did."""
+    _quiet_defaults()
+    cfg, preset_name, wd = _resolve_run(config, preset, overrides, until, workdir)
+    from flows.serve import build_deployment, require_prefect_server, schedule_for, serve_deployment
+
+    try:
+        schedule_for(cron, timezone)
+        api_url = require_prefect_server()
+        deployment = build_deployment(cfg.model_dump(mode="json"), wd, cron, preset=preset_name, until=until,
+                                      name=name or f"lightbert-{preset_name}", tracking_uri=tracking_uri,
+                                      timezone=timezone)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"lightbert: serving deployment lightbert-pipeline/{deployment.name} on {api_url}: "
+               f"'{cron}' ({timezone}), preset={preset_name} workdir={wd} until={until or 'all'}\n"
+               "  the configuration is fixed now: restart `lightbert serve` after changing it. Ctrl-C stops "
+               "serving and pauses the schedule.")
+    serve_deployment(deployment)
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None, preset: PresetOpt = None, overrides: SetOpt = None) -> None:
     """Print the resolved configuration (preset + file + --set), after validation."""
@@ -91,22 +137,66 @@ def show_config(config: ConfigOpt = None, preset: PresetOpt = None, overrides: S
     typer.echo(f"# preset: {preset_name}\n{dump_config(cfg)}", nl=False)
 
 
+def _store_workdir(workdir: Path | None) -> Path:
+    """The workdir whose MLflow store `ui` and `server` open: as `run` would pick it by default."""
+    if workdir is not None:
+        return workdir.resolve()
+    from tasks.config import default_preset
+
+    return _default_workdir(default_preset()).resolve()
+
+
 @app.command()
 def ui(
-    workdir: Annotated[Path, typer.Option(help="The workdir whose mlflow.db to browse.")] = Path("workdir/cpu"),
+    workdir: Annotated[Path | None, typer.Option(help="The workdir whose mlflow.db to browse; default "
+                                                      "./workdir/<default preset>.")] = None,
     port: int = 5000,
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for a workdir's store (one worker: light on a laptop)."""
-    wd = workdir.resolve()
+    from flows.serve import check_port_free, mlflow_server_command, server_env
+
+    wd = _store_workdir(workdir)
     db = wd / "mlflow.db"
     if not db.is_file():
-        _fail(f"{db} does not exist; run `lightbert run --workdir {workdir}` first or pass --workdir")
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", (wd / "mlruns").as_uri(),
-           "--workers", "1"]
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+        _fail(f"{db} does not exist; run `lightbert run --workdir {wd}` first or pass --workdir")
+    try:
+        check_port_free(port, "--port")
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"MLflow UI for {db} on http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(mlflow_server_command(wd, port), env=server_env()))
+
+
+@app.command()
+def server(
+    workdir: Annotated[Path | None, typer.Option(help="The workdir whose mlflow.db the MLflow server "
+                                                      "uses; default ./workdir/<default preset>.")] = None,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+) -> None:
+    """Start Prefect's and MLflow's servers on 127.0.0.1 (for `serve`); Ctrl-C stops both.
+
+    Prefect's keeps deployments and schedules; MLflow's serves the workdir's store (tracking, registry,
+    UI) with one worker. Prints the environment variables that point lightbert at them."""
+    from flows.serve import run_servers
+
+    wd = _store_workdir(workdir)
+
+    def announce(env: dict[str, str], logs: dict[str, Path]) -> None:
+        typer.echo(f"Prefect UI and API: http://127.0.0.1:{prefect_port}\n"
+                   f"MLflow UI and tracking ({wd / 'mlflow.db'}): http://127.0.0.1:{mlflow_port}\n"
+                   f"logs: {', '.join(str(p) for p in logs.values())}\n\nIn another shell:")
+        for key, value in env.items():
+            typer.echo(f"  export {key}={value}")
+        typer.echo(f'  lightbert serve --cron "0 3 * * *" --workdir {wd}\n\nCtrl-C stops both servers.')
+
+    typer.echo("starting Prefect's and MLflow's servers ...")
+    try:
+        run_servers(wd, prefect_port, mlflow_port, announce)
+    except ConfigError as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        typer.echo("\nservers stopped")
 
 
 def main() -> None:  # pragma: no cover - console entry point

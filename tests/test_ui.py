@@ -1,0 +1,103 @@
+"""`lightbert ui` serves this workdir's runs: the real command, on 127.0.0.1 only, one worker, checked
+through MLflow's REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import tiny_overrides
+
+from tasks.config import load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+def _session_commands(sid: int) -> list[list[str]]:
+    """Command lines of the processes in session `sid` (the ui command and what it started)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            out.append([part.decode() for part in cmdline if part])
+    return out
+
+
+@pytest.mark.slow
+def test_ui_serves_this_workdirs_runs_on_loopback_with_one_worker(prefect_harness, text_corpus, workdir):
+    from flows.pipeline import lightbert_pipeline
+
+    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus))
+    lightbert_pipeline(cfg.model_dump(mode="json"), str(workdir), until="corpus", preset="smoke")
+
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "lightbert"), "ui", "--workdir", str(workdir),
+                             "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "lightbert ui exited"
+            assert time.monotonic() < deadline, "the UI did not answer /health in 120 s"
+            time.sleep(0.5)
+
+        experiments = _api(f"{url}/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
+        exp = next(e for e in experiments if e["name"] == "lightbert")
+        assert exp["artifact_location"] == (workdir / "mlruns").as_uri()
+        runs = _api(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parent = next(t for t in tags if t.get("lightbert.kind") == "pipeline")
+        assert parent["lightbert.workdir"] == str(workdir.resolve())
+        corpus = next(r for r, t in zip(runs, tags, strict=True) if t.get("lightbert.stage") == "corpus")
+        assert corpus["info"]["status"] == "FINISHED" and corpus["info"]["run_name"] == "corpus"
+        assert {m["key"] for m in corpus["data"]["metrics"]} >= {"documents_train", "stage_seconds"}
+
+        assert _listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only, nothing on other interfaces
+        servers = [cmd for cmd in _session_commands(proc.pid) if "uvicorn" in cmd]
+        assert len(servers) == 1 and servers[0][servers[0].index("--workers") + 1] == "1", servers
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
