@@ -9,15 +9,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import tracking
-from tasks import albert, cache, corpus, distilbert, pairs, teacher, tokenizer
+from tasks import albert, cache, corpus, distilbert, evaluate, pairs, teacher, tokenizer
 from tasks.config import PipelineConfig
 from tasks.stage import StageRecord, StageSpec, run_stage
 
-# Pipeline order. The evaluate stage joins when it is built.
+# Pipeline order.
 SPECS: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE, distilbert.STAGE,
-                 albert.STAGE)
+                 albert.STAGE, evaluate.STAGE)
 }
 STAGES: tuple[str, ...] = tuple(SPECS)
 
@@ -52,6 +52,8 @@ def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: 
         tracking.log_stage(record, {name: upstream[name] for name in spec.upstream})
         tracking.register_models(record)
         tracking.log_ablations(record, run_id)
+        for outcome in tracking.record_evaluations(record):
+            get_run_logger().info(f"registry: {outcome['name']} v{outcome['version']}: {outcome['reason']}")
     get_run_logger().info(summary_line(record))
     if record.cached:
         return Completed(data=record, name="Cached", message=f"reused {record.dir}")

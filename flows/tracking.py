@@ -232,3 +232,27 @@ def log_ablations(record: StageRecord, stage_run_id: str) -> None:
             log_metrics({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "row", k))
     mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file="ablations.json")
+
+
+def record_evaluations(record: StageRecord) -> list[dict[str, Any]]:
+    """The evaluate stage's scores onto the registry: each scored model's version (the one registered
+    for the stage output it came from) gets its metrics as tags, and alias `champion` moves to it when it
+    beats the current champion on downstream accuracy (flows/registry.py). Other stages: nothing."""
+    from flows import registry
+
+    entries = record.manifest.get("details", {}).get("registry") or []
+    if not entries:
+        return []
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    outcomes = []
+    for entry in entries:
+        version = registry.version_for_fingerprint(client, entry["name"], entry["fingerprint"])
+        if version is None:  # registered by its stage in every run; absent only if that failed
+            mlflow.set_tag(f"lightbert.champion.{entry['name']}", "not registered: no version to tag")
+            continue
+        outcome = registry.record_evaluation(client, entry["name"], version, entry["metrics"])
+        mlflow.set_tag(f"lightbert.champion.{entry['name']}",
+                       f"v{version} {'promoted' if outcome['promoted'] else 'not promoted'}: {outcome['reason']}"[:5000])
+        outcomes.append(outcome)
+    return outcomes

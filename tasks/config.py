@@ -373,6 +373,8 @@ class DownstreamConfig(Section):
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="classifier dropout")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads while fine-tuning on a CPU; None = "
+                                    "torch's default (1 is faster for tiny models on a busy machine)")
     seeds: list[int] = Field(default_factory=lambda: [1], description="one fine-tuning run per seed and model; "
                              "the report gives the mean and each run")
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="movie-sentences: by a hash of the id")
@@ -396,10 +398,9 @@ class DownstreamConfig(Section):
 
 
 class EvaluateConfig(Section):
-    models: list[Literal[MODEL_NAMES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(MODEL_NAMES),
-        description=f"which of {list(MODEL_NAMES)} to evaluate (those the run trained; the teacher is the "
-        "reference of retention and speed-up)")
+    models: list[Literal[MODEL_NAMES]] | None = Field(  # type: ignore[valid-type]
+        None, description=f"which of {list(MODEL_NAMES)} to evaluate; None = every model the run trained "
+        "(the teacher is always scored: it is the reference of retention and speed-up)")
     max_eval_examples: int | None = Field(None, ge=1, description="validation pairs scored; None = all")
     batch_size: int = Field(64, ge=1, description="examples per batch for MLM/NSP/SOP scoring")
     latency_sentences: int = Field(200, ge=1, description="validation sentences in one timed pass at batch 1")

@@ -92,7 +92,58 @@ def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
         "albert.train.effective_batch_size=8",
         "albert.train.warmup_steps=1",
         "albert.train.checkpoint_every=2",
+        "evaluate.latency_sentences=8",
+        "evaluate.latency_repeats=2",
+        "evaluate.downstream.max_train_examples=160",
+        "evaluate.downstream.batch_size=16",
+        "evaluate.downstream.max_seq_len=32",
+        "evaluate.downstream.cpu_threads=1",
+        "evaluate.plots=true",
         "run.num_proc=1",
         "run.progress=false",
         *extra,
     ]
+
+
+# Every key a report.json model entry carries (tasks/evaluate.py documents them).
+REPORT_ENTRY_KEYS = {
+    "name", "registered_name", "family", "path", "source_fingerprint", "parameters", "parameters_with_heads",
+    "disk_bytes", "mlm_accuracy", "mlm_perplexity", "mlm_loss", "pair_head", "nsp_accuracy", "nsp_accuracy_ci95",
+    "sop_accuracy", "sop_accuracy_ci95", "cpu_latency_ms", "cpu_latency_pass_seconds", "cpu_latency_passes",
+    "gpu_throughput_sequences_per_s", "downstream", "downstream_accuracy", "parameter_ratio", "retention",
+    "speedup",
+}
+
+
+def check_report(report: dict, models: list[str], seeds: list[int]) -> None:
+    """report.json as tasks/evaluate.py documents it, with numbers that hang together."""
+    import math
+
+    import pytest
+
+    assert report["schema"] == 1 and report["reference"] == "teacher"
+    assert [e["name"] for e in report["models"]] == models
+    protocol = report["protocol"]
+    assert protocol["latency"]["batch_size"] == 1 and protocol["latency"]["threads"] >= 1
+    assert protocol["downstream"]["seeds"] == seeds
+    teacher = report["models"][0]
+    for e in report["models"]:
+        assert REPORT_ENTRY_KEYS <= set(e), REPORT_ENTRY_KEYS - set(e)
+        assert e["parameters"] > 0 and e["parameters_with_heads"] > e["parameters"] and e["disk_bytes"] > 0
+        assert 0 <= e["mlm_accuracy"] <= 1 and e["mlm_perplexity"] == pytest.approx(math.exp(e["mlm_loss"]))
+        assert e["pair_head"] == {"bert": "nsp", "albert": "sop", "distilbert": None}[e["family"]]
+        for task in ("nsp", "sop"):
+            acc, ci = e[f"{task}_accuracy"], e[f"{task}_accuracy_ci95"]
+            if e["pair_head"] is None:
+                assert acc is None and ci is None
+            else:
+                assert ci[0] <= acc <= ci[1]
+        assert len(e["cpu_latency_passes"]) == protocol["latency"]["repeats"] and e["cpu_latency_ms"] > 0
+        for res in e["downstream"].values():
+            assert [r["seed"] for r in res["runs"]] == seeds
+            assert res["test_accuracy"] == pytest.approx(sum(r["test_accuracy"] for r in res["runs"]) / len(seeds))
+        assert e["retention"]["downstream_accuracy"] == e["downstream_accuracy"] / teacher["downstream_accuracy"]
+        assert e["retention"]["mlm_perplexity"] == teacher["mlm_perplexity"] / e["mlm_perplexity"]
+        assert e["speedup"]["cpu_latency"] == teacher["cpu_latency_ms"] / e["cpu_latency_ms"]
+        assert e["parameter_ratio"] == e["parameters"] / teacher["parameters"]
+    assert teacher["retention"]["mlm_accuracy"] == 1.0 and teacher["speedup"]["cpu_latency"] == 1.0

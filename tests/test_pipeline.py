@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_overrides
+from helpers import check_report, tiny_overrides
 
 from flows.stages import STAGES  # every stage that exists so far, in order
 from tasks.config import load_config
@@ -66,6 +67,23 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
     contexts = {(d.dataset.name, d.tags[0].value) for d in first["pairs"].inputs.dataset_inputs}
     assert ("corpus/train", "input") in contexts and ("pairs/train", "output") in contexts
     assert first["pairs"].data.metrics["examples_train"] > 0
+    # the comparison report, its plots in MLflow, and every model's scores on its registry version
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    models = ["teacher", "distilbert", "albert-scratch", "albert-distilled"]
+    check_report(report, models, cfg.evaluate.downstream.seeds)
+    table = (workdir / "evaluate" / "report.md").read_text()
+    assert all(f"| {m} |" in table for m in models)
+    for plot in ("accuracy_vs_parameters.png", "accuracy_vs_cpu_latency.png"):
+        assert (workdir / "evaluate" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "outputs/plots")}
+    assert logged == {"outputs/plots/accuracy_vs_parameters.png", "outputs/plots/accuracy_vs_cpu_latency.png"}
+    assert {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "outputs")} >= {
+        "outputs/report.json", "outputs/report.md"}
+    for entry in report["models"]:  # the first evaluated version of each model becomes its champion
+        champion = client.get_model_version_by_alias(entry["registered_name"], "champion")
+        assert champion.version == "1"
+        assert float(champion.tags["metric.downstream_accuracy"]) == entry["downstream_accuracy"]
+        assert float(champion.tags["metric.cpu_latency_ms"]) == entry["cpu_latency_ms"]
 
     # Second run: nothing rebuilt, each stage run names the run that produced its output.
     mtimes = {s: (workdir / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
@@ -87,6 +105,14 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
     assert [third[s].data.tags["lightbert.cached"] for s in STAGES[:3]] == ["true", "true", "false"]
     assert all(third[s].data.tags["lightbert.cached"] == "false" for s in STAGES[3:])  # downstream of pairs
     assert "config changed (pairs.dupe_factor: 2 -> 3)" in third["pairs"].data.tags["lightbert.reason"]
+    # New versions of every model: each takes the champion alias only if it beats version 1 downstream.
+    report3 = json.loads((workdir / "evaluate" / "report.json").read_text())
+    for entry in report3["models"]:
+        name = entry["registered_name"]
+        old = float(client.get_model_version(name, "1").tags["metric.downstream_accuracy"])
+        new = float(client.get_model_version(name, "2").tags["metric.downstream_accuracy"])
+        assert new == entry["downstream_accuracy"]
+        assert client.get_model_version_by_alias(name, "champion").version == ("2" if new > old else "1")
 
 
 def _cli(*args: str) -> list[str]:
@@ -135,9 +161,9 @@ def test_cli_reports_config_errors_and_unbuilt_stages(tmp_path):
     bad = subprocess.run(_cli("run", "--preset", "smoke", "--set", "pairs.max_seq_length=3"),
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "pairs.max_seq_length: unknown key" in bad.stderr
-    later = subprocess.run(_cli("run", "--preset", "smoke", "--until", "evaluate"),
+    later = subprocess.run(_cli("run", "--preset", "smoke", "--until", "deploy"),
                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert later.returncode == 2 and "not built yet" in later.stderr
+    assert later.returncode == 2 and "unknown stage" in later.stderr and "evaluate" in later.stderr
     assert not (tmp_path / "workdir").exists()
     shown = subprocess.run(_cli("config", "--preset", "smoke", "--set", "pairs.dupe_factor=9"),
                            capture_output=True, text=True)
