@@ -87,6 +87,9 @@ def run(
     for stage, out in outputs.items():
         manifest = read_manifest(Path(out)) or {}
         typer.echo(f"{stage:<10} {out}  ({manifest.get('timings', {}).get('seconds', 0):.1f}s)")
+    if "evaluate" in outputs:
+        report = Path(outputs["evaluate"]) / "report.md"
+        typer.echo(f"\n{report.read_text(encoding='utf-8').split(chr(10) + '## ')[0].rstrip()}\n\nreport: {report}")
     uri = tracking_uri or default_tracking_uri(wd)
     typer.echo(f"\nMLflow: {uri}\n  browse with: lightbert ui --workdir {wd}")
 
