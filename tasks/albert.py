@@ -295,10 +295,12 @@ def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             result["kept_from_interrupted_attempt"] = True
         else:
             result = train_variant(variant, cfg, ctx, config, tok, teacher, val_ds, collate)
-            if not result:  # not the main process
-                return StageReport()
+            if not result:  # another rank of a torchrun launch: it trains every variant, rank 0 writes
+                continue
         counts.update({f"{variant}_{k}": v for k, v in result["counts"].items()})
         details[variant] = {k: v for k, v in result.items() if k != "counts"}
+    if not engine.is_main_process():
+        return StageReport()
     counts["examples_validation"] = len(val_ds)
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     return StageReport(

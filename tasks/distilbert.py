@@ -280,6 +280,8 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     summary = _read_result(ctx.out_dir) if ctx.resuming and (ctx.out_dir / MODEL_DIR).is_dir() else None
     if summary is None:
         student, summary = train_student(cfg, ctx, main, inp, ctx.out_dir)
+        if not engine.is_main_process():  # another rank of a torchrun launch (tasks/launch.py): rank 0 writes
+            return StageReport()
         save_student(student, tok, ctx.out_dir / MODEL_DIR)
         _finish_run(ctx.out_dir, summary)
     student = DistilBertForMaskedLM.from_pretrained(ctx.out_dir / MODEL_DIR)

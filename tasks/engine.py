@@ -102,6 +102,11 @@ def setup_runtime(precision: str = "auto") -> Runtime:
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world, distributed)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def gpu_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

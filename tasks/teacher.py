@@ -10,9 +10,7 @@ Several GPUs: `torchrun --nproc_per_node 8 -m tasks.teacher --workdir W --preset
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -235,54 +233,9 @@ STAGE = StageSpec(
 
 
 # ------------------------------------------------------------------------------------------------
-# several GPUs: every rank runs this; rank 0 runs the stage bookkeeping, the others only train
+# several GPUs: `torchrun ... -m tasks.teacher ...` is `torchrun ... -m tasks.launch teacher ...`
 # ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    """torchrun --nproc_per_node N -m tasks.teacher --workdir W [--preset gpu] [--config F] [--set k=v]
-
-    Needs the tokenizer and pairs stages finished in W (`lightbert run --until pairs`); writes W/teacher
-    with its manifest, which a later `lightbert run` reuses when the configuration is the same.
-    """
-    import torch.distributed as dist
-
-    from tasks.artifacts import sha256_json
-    from tasks.config import load_config
-    from tasks.stage import PARTIAL, StageRecord, cache_key_parts, check_stage, read_manifest, run_stage
-
-    parser = argparse.ArgumentParser(prog="python -m tasks.teacher", description=main.__doc__)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    cfg, _ = load_config(args.preset, args.config, args.overrides)
-    workdir = args.workdir.resolve()
-    upstream = {}
-    for name in STAGE.upstream:
-        manifest = read_manifest(workdir / name)
-        if manifest is None:
-            raise SystemExit(f"{workdir / name} is not a finished stage: run `lightbert run --until pairs "
-                             f"--workdir {workdir}` first")
-        upstream[name] = StageRecord(name, workdir / name, manifest, cached=True, reason="finished earlier")
-    rt = engine.setup_runtime(cfg.teacher.train.precision)  # joins torchrun's process group
-    parts = cache_key_parts(STAGE, cfg, upstream)
-    done = [check_stage(workdir / STAGE.name, parts)[0] if rt.is_main else False]
-    if rt.distributed:
-        dist.broadcast_object_list(done, src=0)
-    if done[0]:
-        if rt.is_main:
-            print(f"teacher: {workdir / STAGE.name} is up to date")
-    elif rt.is_main:
-        record = run_stage(STAGE, cfg, workdir, upstream)
-        print(f"teacher: {record.dir} {record.manifest['counts']}")
-    else:
-        out_dir = workdir / PARTIAL / f"{STAGE.name}-{sha256_json(parts)[:16]}"
-        with tempfile.TemporaryDirectory() as scratch:
-            build_teacher(cfg, StageContext(STAGE.name, out_dir, Path(scratch), upstream, cfg, resuming=True))
-    if rt.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    from tasks.launch import main
+
+    main(stage="teacher")
