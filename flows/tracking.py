@@ -82,19 +82,28 @@ def pipeline_run(cfg: PipelineConfig, workdir: Path, preset: str, until: str | N
     """The parent run of one pipeline run; yields its run id."""
     mlflow = _mlflow()
     uri = tracking_uri or default_tracking_uri(workdir)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; a later run in this process (a served
+    # deployment, a test) must not inherit this run's store as its default.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     setup_tracking(uri, cfg.run.experiment, workdir)
     name = f"pipeline-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(run_name=name) as run:
-        mlflow.set_tags({
-            "lightbert.kind": "pipeline",
-            "lightbert.preset": preset,
-            "lightbert.until": until or "all",
-            "lightbert.workdir": str(Path(workdir).resolve()),
-            "lightbert.code_version": code_version(),
-        })
-        _log_params(flatten(cfg.model_dump(mode="json")))
-        mlflow.log_text(dump_config(cfg), "config.yaml")
-        yield run.info.run_id
+    try:
+        with mlflow.start_run(run_name=name) as run:
+            mlflow.set_tags({
+                "lightbert.kind": "pipeline",
+                "lightbert.preset": preset,
+                "lightbert.until": until or "all",
+                "lightbert.workdir": str(Path(workdir).resolve()),
+                "lightbert.code_version": code_version(),
+            })
+            _log_params(flatten(cfg.model_dump(mode="json")))
+            mlflow.log_text(dump_config(cfg), "config.yaml")
+            yield run.info.run_id
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @contextlib.contextmanager

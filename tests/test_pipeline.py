@@ -81,7 +81,7 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
         "outputs/report.json", "outputs/report.md"}
     for entry in report["models"]:  # the first evaluated version of each model becomes its champion
         champion = client.get_model_version_by_alias(entry["registered_name"], "champion")
-        assert champion.version == "1"
+        assert str(champion.version) == "1"
         assert float(champion.tags["metric.downstream_accuracy"]) == entry["downstream_accuracy"]
         assert float(champion.tags["metric.cpu_latency_ms"]) == entry["cpu_latency_ms"]
 
@@ -112,7 +112,7 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
         old = float(client.get_model_version(name, "1").tags["metric.downstream_accuracy"])
         new = float(client.get_model_version(name, "2").tags["metric.downstream_accuracy"])
         assert new == entry["downstream_accuracy"]
-        assert client.get_model_version_by_alias(name, "champion").version == ("2" if new > old else "1")
+        assert str(client.get_model_version_by_alias(name, "champion").version) == ("2" if new > old else "1")
 
 
 def _cli(*args: str) -> list[str]:
