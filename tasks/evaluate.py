@@ -35,7 +35,7 @@ report.json (schema 1)
                        lightbert.output_fingerprint tag)
     parameters, parameters_with_heads, disk_bytes
     mlm_accuracy, mlm_perplexity, mlm_loss
-    pair_head          nsp | sop | null
+    pair_head          nsp | sop | null (none, or an untrained one: a pretrained teacher saved without it)
     nsp_accuracy, nsp_accuracy_ci95, sop_accuracy, sop_accuracy_ci95   (null without a pair head; the
                        interval is Wilson's, [low, high])
     cpu_latency_ms     median pass time / sentences, in milliseconds per sentence
@@ -407,7 +407,9 @@ def models_to_evaluate(cfg: PipelineConfig, ctx: StageContext) -> list[dict[str,
             name = REPORT_NAMES.get(entry["name"])
             if name is not None:
                 found[name] = {"name": name, "registered_name": entry["name"], "path": record.dir / entry["path"],
-                               "source_fingerprint": record.fingerprint}
+                               "source_fingerprint": record.fingerprint,
+                               # a pretrained teacher loaded without an NSP head has a random one
+                               "pair_head_trained": record.manifest.get("details", {}).get("nsp_head_trained", True)}
     wanted = cfg.evaluate.models
     if wanted is None:
         wanted = [n for n in MODEL_NAMES if n in found]
@@ -431,7 +433,7 @@ def evaluate_one(spec: dict[str, Any], cfg: PipelineConfig, views: dict[str, Dat
                              "path": str(path), "source_fingerprint": spec["source_fingerprint"],
                              "parameters": count_parameters(backbone(model)),
                              "parameters_with_heads": count_parameters(model), "disk_bytes": disk_bytes(path),
-                             "pair_head": PAIR_HEADS[family]}
+                             "pair_head": PAIR_HEADS[family] if spec.get("pair_head_trained", True) else None}
     model.to(rt.device)
     progress("masked LM and sentence-pair tasks")
     nsp = score_view(model, family, views["nsp"], tok.pad_token_id, ecfg.batch_size, rt, with_mlm=True)
