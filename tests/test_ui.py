@@ -101,3 +101,41 @@ def test_ui_serves_this_workdirs_runs_on_loopback_with_one_worker(prefect_harnes
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_server_starts_prefect_and_mlflow_on_loopback_and_ctrl_c_stops_both(tmp_path):
+    """`lightbert server`: both servers answer on 127.0.0.1 only, the printed exports point at them, and
+    Ctrl-C (SIGINT) stops both and frees the ports."""
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(Path(sys.executable).parent / "lightbert"), "server", "--workdir", str(tmp_path / "wd"),
+           "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        lines = []
+        while not any("Ctrl-C stops both servers" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "lightbert server did not report both servers up"
+            lines.append(proc.stdout.readline())
+        output = "".join(lines)
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in output
+        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/api/health", timeout=10) as r:
+            assert r.status == 200
+        assert "experiments" in _api(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search",
+                                     {"max_results": 10})
+        for port in (prefect_port, mlflow_port):
+            assert set(_listening_addresses(port)) == {"0100007F"}  # 127.0.0.1, nothing else
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "servers stopped" in proc.stdout.read()
+        for port in (prefect_port, mlflow_port):
+            assert _listening_addresses(port) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
