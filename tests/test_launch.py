@@ -28,7 +28,7 @@ def test_torchrun_trains_albert_on_two_processes_and_the_pipeline_reuses_it(smok
            "--workdir", str(wd), "--preset", "smoke", *(a for s in SETS for a in ("--set", s))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
+    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "it/s]" not in line)[-3000:]
     counts = read_manifest(wd / "albert")["counts"]
     # 4 steps of 16 examples: 8 per process per step
     assert counts["scratch_steps"] == counts["distilled_steps"] == 4
