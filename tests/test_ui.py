@@ -112,8 +112,10 @@ def test_server_starts_prefect_and_mlflow_on_loopback_and_ctrl_c_stops_both(tmp_
     env.pop("PREFECT_API_URL", None)
     cmd = [str(Path(sys.executable).parent / "lightbert"), "server", "--workdir", str(tmp_path / "wd"),
            "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    # A shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the command the disposition it has when a person runs it in a terminal.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 150
         lines = []
