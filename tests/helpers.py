@@ -105,6 +105,24 @@ def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def wait_until_healthy(url: str, proc, seconds: float, what: str) -> None:
+    """Poll `url` until it answers 200; fail if `proc` exits first or `seconds` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds:.0f} s"
+        time.sleep(0.5)
+
+
 # Every key a report.json model entry carries (tasks/evaluate.py documents them).
 REPORT_ENTRY_KEYS = {
     "name", "registered_name", "family", "path", "source_fingerprint", "parameters", "parameters_with_heads",

@@ -6,11 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from helpers import tiny_overrides
+from helpers import tiny_overrides, wait_until_healthy
 
 from tasks.config import load_config
 
@@ -31,18 +29,8 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", proc, 90, "mlflow server")
         yield url
     finally:
         os.killpg(proc.pid, 15)

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import tiny_overrides
+from helpers import tiny_overrides, wait_until_healthy
 
 from tasks.config import load_config
 
@@ -72,17 +72,7 @@ def test_ui_serves_this_workdirs_runs_on_loopback_with_one_worker(prefect_harnes
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "lightbert ui exited"
-            assert time.monotonic() < deadline, "the UI did not answer /health in 120 s"
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", proc, 120, "lightbert ui")
 
         experiments = _api(f"{url}/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
         exp = next(e for e in experiments if e["name"] == "lightbert")
