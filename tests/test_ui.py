@@ -93,6 +93,16 @@ def test_ui_serves_this_workdirs_runs_on_loopback_with_one_worker(prefect_harnes
         proc.wait(timeout=30)
 
 
+def _kill_sessions_of(argument: str) -> None:
+    """SIGKILL the process group of every process whose command line holds `argument` (NUL-separated)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if argument.encode() in (proc / "cmdline").read_bytes() + b"\0":
+                os.killpg(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 @pytest.mark.slow
 def test_server_starts_prefect_and_mlflow_on_loopback_and_ctrl_c_stops_both(tmp_path):
     """`lightbert server`: both servers answer on 127.0.0.1 only, the printed exports point at them, and
@@ -131,3 +141,5 @@ def test_server_starts_prefect_and_mlflow_on_loopback_and_ctrl_c_stops_both(tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for port in (prefect_port, mlflow_port):  # servers a failed run left behind (own sessions)
+            _kill_sessions_of(f"--port\0{port}\0")
