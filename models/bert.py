@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
 IGNORE_INDEX = -100
@@ -95,3 +96,42 @@ def full_position_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]
     """Same loss through HF's every-position head: the baseline for benchmarks."""
     out = pretraining_forward(model, batch, all_positions=True)
     return out.loss, {"mlm_loss": out.mlm_loss.detach(), "nsp_loss": out.nsp_loss.detach()}
+
+
+# ------------------------------------------------------------------------------------------------
+# fitting an MLM head on a pretrained backbone that has none (a BertModel checkpoint)
+# ------------------------------------------------------------------------------------------------
+class FrozenBackboneHead(nn.Module):
+    """A BertForPreTraining whose backbone is frozen and stays in eval mode (no dropout) while the engine
+    trains: only BERT's prediction head learns (transform dense + LayerNorm + output bias; the decoder
+    is tied to the word embeddings, which stay frozen). The NSP head is left as it is."""
+
+    def __init__(self, model: BertForPreTraining):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.cls.predictions
+        for p in (*head.transform.parameters(), head.bias):
+            p.requires_grad_(True)
+
+    @property
+    def config(self) -> BertConfig:  # the engine reads the shape for its FLOPs estimate
+        return self.model.config
+
+    def train(self, mode: bool = True) -> FrozenBackboneHead:
+        super().train(mode)
+        self.model.bert.eval()
+        return self
+
+
+def mlm_head_fit_loss(fit: FrozenBackboneHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """The engine's loss_fn for head fitting: MLM cross-entropy at the labelled positions, with the backbone
+    run without gradients (nothing behind the head is trained, so nothing there needs a backward)."""
+    labels = batch["labels"].long()
+    where = labels != IGNORE_INDEX
+    with torch.no_grad():
+        hidden = fit.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                token_type_ids=batch["token_type_ids"], return_dict=True).last_hidden_state[where]
+    loss = masked_lm_loss(fit.model.cls.predictions(hidden), labels[where])
+    return loss, {"mlm_loss": loss.detach()}

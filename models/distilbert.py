@@ -41,6 +41,9 @@ HEAD_MAP = {  # BERT's head: dense -> activation -> LayerNorm -> decoder, as Dis
     "vocab_projector.weight": "cls.predictions.decoder.weight",  # tied to the word embeddings in both
     "vocab_projector.bias": "cls.predictions.bias",
 }
+# Without a teacher head (a BertModel teacher) these start fresh; the decoder is still the word embeddings.
+FRESH_HEAD = ("vocab_transform.weight", "vocab_transform.bias", "vocab_layer_norm.weight", "vocab_layer_norm.bias",
+              "vocab_projector.bias")
 
 
 def default_num_layers(n_teacher: int) -> int:
@@ -100,34 +103,45 @@ def build_student(teacher_config: BertConfig, num_layers: int, dropout: float | 
     return DistilBertForMaskedLM(student_config(teacher_config, num_layers, dropout))
 
 
-def parameter_map(layer_map: Sequence[int]) -> dict[str, str]:
-    """Every student parameter name -> the teacher parameter it is initialised from."""
+def parameter_map(layer_map: Sequence[int], with_head: bool = True) -> dict[str, str]:
+    """Every student parameter name -> the teacher parameter it is initialised from (with_head=False: all
+    but FRESH_HEAD, for a teacher without an MLM head)."""
     mapping = dict(EMBEDDING_MAP)
     for i, t in enumerate(layer_map):
         for student_part, teacher_part in LAYER_MAP.items():
             for kind in ("weight", "bias"):
                 mapping[f"distilbert.transformer.layer.{i}.{student_part}.{kind}"] = \
                     f"bert.encoder.layer.{t - 1}.{teacher_part}.{kind}"
-    mapping.update(HEAD_MAP)
+    mapping.update(HEAD_MAP if with_head else {"vocab_projector.weight": "bert.embeddings.word_embeddings.weight"})
     return mapping
+
+
+def teacher_has_mlm_head(teacher: nn.Module) -> bool:
+    """A BertForPreTraining / BertForMaskedLM has one; a bare BertModel has none."""
+    return hasattr(teacher, "cls") and hasattr(teacher.cls, "predictions")
 
 
 @torch.no_grad()
 def init_student_from_teacher(teacher: nn.Module, student: DistilBertForMaskedLM,
                               layer_map: Sequence[int]) -> dict[str, str]:
     """Copy the teacher's embeddings, the mapped layers (1-based `layer_map[i]` -> student layer i) and the
-    MLM head into the student. Returns the mapping used. Raises if a student tensor would be left at its
-    random initialisation or shapes differ (a teacher of another width, vocabulary or position count)."""
+    MLM head into the student. A teacher without a head (a bare BertModel) leaves the student's head
+    transform and output bias at their fresh initialisation (the decoder is the word embeddings either
+    way). Returns the mapping used. Raises if any other student tensor would be left at its random
+    initialisation or shapes differ (a teacher of another width, vocabulary or position count)."""
     if len(layer_map) != student.config.n_layers:
         raise ValueError(f"layer_map {list(layer_map)} has {len(layer_map)} entries for a student of "
                          f"{student.config.n_layers} layers")
+    with_head = teacher_has_mlm_head(teacher)
     teacher_state = teacher.state_dict()
+    if not hasattr(teacher, "bert"):  # a BertModel: its own names lack the "bert." of the models with heads
+        teacher_state = {f"bert.{k}": v for k, v in teacher_state.items()}
     # save_pretrained drops tied copies: the decoder is the word embeddings in a BERT that ties them
-    if "cls.predictions.decoder.weight" not in teacher_state:
+    if with_head and "cls.predictions.decoder.weight" not in teacher_state:
         teacher_state["cls.predictions.decoder.weight"] = teacher_state["bert.embeddings.word_embeddings.weight"]
-    mapping = parameter_map(layer_map)
+    mapping = parameter_map(layer_map, with_head)
     params = dict(student.named_parameters(remove_duplicate=False))
-    unmapped = sorted(set(params) - set(mapping))
+    unmapped = sorted(set(params) - set(mapping) - (set() if with_head else set(FRESH_HEAD)))
     if unmapped:
         raise ValueError(f"student parameters with no teacher source: {unmapped}")
     for name, source in mapping.items():

@@ -1,6 +1,8 @@
 """Cache stage: run the teacher once over every pairs example (every masked copy) and keep what the
 students learn from: top-k soft labels at the masked positions (or every real position) and the hidden
-states of the chosen teacher layers. Format and loader: tasks/cache_format.py.
+states of the chosen teacher layers. Format and loader: tasks/cache_format.py. A teacher without an MLM
+head (teacher.mlm_head: none) gives hidden states only: the shards then hold no soft labels (k = 0) and
+the cache manifest says `has_soft_labels: false`.
 
 - Size first: the bytes are estimated from the pairs (lengths, masked counts) and the settings before
   anything is computed; over cache.max_bytes the stage stops with the estimate, its parts and the
@@ -16,7 +18,6 @@ states of the chosen teacher layers. Format and loader: tasks/cache_format.py.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -29,11 +30,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import BertConfig, BertForPreTraining
+from transformers import BertConfig, BertForPreTraining, BertModel
 
 from models.distilbert import resolve_layer_map
 from tasks import engine
-from tasks.artifacts import atomic_write_json, sha256_file
+from tasks.artifacts import atomic_write_json, matches_record, read_json_or_empty
 from tasks.cache_format import (
     CACHE_MANIFEST,
     DTYPES,
@@ -54,7 +55,7 @@ from tasks.cache_format import (
 )
 from tasks.config import PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest
-from tasks.teacher import saved_teacher_dir
+from tasks.teacher import load_saved
 
 PROGRESS = "cache_progress.json"
 HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
@@ -117,9 +118,11 @@ def load_pairs_split(pairs_dir: Path, split: str, views: list[str]) -> Dataset:
     return ds
 
 
-def part_size(ds: Dataset, view: str, positions: str, examples_per_shard: int) -> PartSize:
+def part_size(ds: Dataset, view: str, positions: str, examples_per_shard: int, soft_labels: bool = True) -> PartSize:
     tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
-    if positions == "all":
+    if not soft_labels:
+        n_positions = 0
+    elif positions == "all":
         n_positions = tokens
     else:
         labels = pc.list_flatten(ds.data.table.column(VIEW_COLUMNS[view][3]))
@@ -194,28 +197,16 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndar
 # ------------------------------------------------------------------------------------------------
 # keeping finished shards: an interrupted attempt's (resume) or a damaged output's (salvage)
 # ------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _matches(path: Path, record: dict[str, Any] | None) -> bool:
-    return (record is not None and path.is_file() and path.stat().st_size == record.get("size")
-            and sha256_file(path) == record.get("sha256"))
-
-
 def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, dict[str, Any]]:
     """{shard file: {sha256, size, kept_from}} of the planned shards that need no computing. Anything
     else left in out_dir (a shard that fails its checksum, a half-written temporary file) is removed."""
     wanted = {s.file for s in plan}
     kept: dict[str, dict[str, Any]] = {}
     if ctx.resuming:
-        recorded = {**_read_json(ctx.out_dir / CACHE_MANIFEST).get("shard_files", {}),
-                    **_read_json(ctx.out_dir / PROGRESS).get("shards", {})}
+        recorded = {**read_json_or_empty(ctx.out_dir / CACHE_MANIFEST).get("shard_files", {}),
+                    **read_json_or_empty(ctx.out_dir / PROGRESS).get("shards", {})}
         for rel in sorted(wanted & recorded.keys()):
-            if _matches(ctx.out_dir / rel, recorded[rel]):
+            if matches_record(ctx.out_dir / rel, recorded[rel]):
                 kept[rel] = {**recorded[rel], "kept_from": "interrupted attempt"}
     for path in sorted(p for p in ctx.out_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(ctx.out_dir).as_posix()
@@ -225,7 +216,7 @@ def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, 
         files = (read_manifest(ctx.salvage_dir) or {}).get("files", {})
         for rel in sorted(wanted - kept.keys()):
             src, dst = ctx.salvage_dir / rel, ctx.out_dir / rel
-            if _matches(src, files.get(rel)):
+            if matches_record(src, files.get(rel)):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(src, dst)  # the old output is replaced at the end; the link keeps the data
@@ -239,24 +230,26 @@ def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 # the teacher forward
 # ------------------------------------------------------------------------------------------------
-def load_teacher(model_dir: Path) -> BertForPreTraining:
-    try:
-        model = BertForPreTraining.from_pretrained(model_dir, use_safetensors=True, attn_implementation="sdpa")
-    except (OSError, ValueError) as exc:
-        raise StageError(f"could not load the teacher from {model_dir}: {exc}; rerun the teacher stage") from exc
-    return model.eval()
+def load_teacher(model_dir: Path) -> BertForPreTraining | BertModel:
+    """The saved teacher of a teacher stage's `model/` folder (tasks.teacher.load_saved)."""
+    return load_saved(Path(model_dir).parent).load_model()
 
 
 @torch.inference_mode()
-def teacher_outputs(model: BertForPreTraining, batch: dict[str, torch.Tensor], view: str, layers: list[int],
-                    top_k: int, positions: str, rt: engine.Runtime) -> list[ExampleOutputs]:
-    """The cached quantities of every example of a padded batch (in batch order)."""
+def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torch.Tensor], view: str,
+                    layers: list[int], top_k: int, positions: str, rt: engine.Runtime) -> list[ExampleOutputs]:
+    """The cached quantities of every example of a padded batch (in batch order); top_k = 0: hidden
+    states only (a teacher without an MLM head)."""
     ids, types, attention, labels = (batch[c].to(rt.device) for c in VIEW_COLUMNS[view][:4])
+    backbone = model.bert if hasattr(model, "bert") else model
     with rt.autocast():
-        out = model.bert(input_ids=ids, attention_mask=attention, token_type_ids=types,
-                         output_hidden_states=True, return_dict=True)
+        out = backbone(input_ids=ids, attention_mask=attention, token_type_ids=types,
+                       output_hidden_states=True, return_dict=True)
     real = attention.bool()
-    where = real & (labels != IGNORE_INDEX) if positions == "masked" else real
+    if top_k == 0:
+        where = torch.zeros_like(real)
+    else:
+        where = real & (labels != IGNORE_INDEX) if positions == "masked" else real
     gathered = out.hidden_states[-1][where].float()
     top_p, top_i = [], []
     for c in range(0, len(gathered), HEAD_CHUNK):
@@ -290,18 +283,20 @@ def teacher_outputs(model: BertForPreTraining, batch: dict[str, torch.Tensor], v
 def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t_start = time.perf_counter()
     cc = cfg.cache
-    model_dir = saved_teacher_dir(ctx)
-    tconf = BertConfig.from_pretrained(model_dir)
+    saved = load_saved(ctx.upstream_dir("teacher"))
+    tconf = saved.config
     layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
-    if cc.top_k > tconf.vocab_size:
+    soft = saved.has_mlm_head
+    top_k = cc.top_k if soft else 0  # no MLM head: no soft labels, hidden states only
+    if soft and cc.top_k > tconf.vocab_size:
         raise StageError(f"cache.top_k = {cc.top_k} is more than the teacher's vocabulary ({tconf.vocab_size}); "
                          f"at most {tconf.vocab_size} (which keeps the full distribution)")
 
     pairs_dir = ctx.upstream_dir("pairs")
     data = {split: load_pairs_split(pairs_dir, split, cc.views) for split in cc.splits}
-    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.examples_per_shard)
+    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.examples_per_shard, soft)
              for split in cc.splits for view in cc.views}
-    estimate = estimate_cache_bytes(parts, cc.top_k, tconf.hidden_size, len(layers))
+    estimate = estimate_cache_bytes(parts, top_k, tconf.hidden_size, len(layers))
     if estimate["total"] > cc.max_bytes:
         raise StageError(over_budget_message(cfg, estimate, parts, tconf.hidden_size, layers))
 
@@ -315,7 +310,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     compute_s, computed_tokens, rt = 0.0, 0, None
     if todo:
         rt = engine.setup_runtime(cc.precision)
-        model = load_teacher(model_dir).to(rt.device)
+        model = saved.load_model().to(rt.device)
         pad_id = tconf.pad_token_id if tconf.pad_token_id is not None else 0
         multiple = 8 if rt.device.type == "cuda" else 1
         collate = {v: engine.PadCollator(VIEW_COLUMNS[v][:4], {VIEW_COLUMNS[v][0]: pad_id,
@@ -344,14 +339,14 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             shard = todo[k]
             if not slots:
                 slots = [None] * (shard.stop - shard.start)
-            outs = teacher_outputs(model, batch, shard.view, layers, cc.top_k, cc.positions, rt)
+            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, rt)
             for j, o in zip((rows - shard.start).tolist(), outs, strict=True):
                 slots[j] = o
             if not last:
                 continue
             tensors = pack_shard(shard.start, slots, layers)
             meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
-                    "top_k": str(cc.top_k), "positions": cc.positions, "layers": ",".join(map(str, layers))}
+                    "top_k": str(top_k), "positions": cc.positions, "layers": ",".join(map(str, layers))}
             finished[shard.file] = write_shard(ctx.out_dir / shard.file, tensors, meta)
             atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
             stats[shard.file] = {"examples": len(slots), "positions": len(tensors["positions"]),
@@ -364,7 +359,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             ctx.log_metrics({"cache_shards_done": done, "cache_tokens_per_s": computed_tokens / max(compute_s, 1e-9)},
                             done)
 
-    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate)
+    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate, top_k)
     atomic_write_json(ctx.out_dir / CACHE_MANIFEST, manifest)
     (ctx.out_dir / PROGRESS).unlink(missing_ok=True)  # cache_manifest.json now records every shard
 
@@ -383,7 +378,9 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         counts=counts,
         inputs=[{"stage": name, "fingerprint": rec.fingerprint} for name, rec in ctx.upstream.items()],
         artifacts=[CACHE_MANIFEST],
-        details={"layers": layers, "top_k": cc.top_k, "positions": cc.positions,
+        details={"layers": layers, "top_k": top_k, "positions": cc.positions, "has_soft_labels": soft,
+                 "soft_labels": f"top-{top_k} at the {cc.positions} positions" if soft
+                 else f"none: the teacher has no MLM head (teacher.mlm_head: {saved.mlm_head}); hidden states only",
                  "estimate": estimate, "device": str(rt.device) if rt else None,
                  "precision": rt.precision if rt else None,
                  "kept_from": {rel: m["kept_from"] for rel, m in finished.items() if "kept_from" in m}},
@@ -392,7 +389,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
 
 def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan], files: dict[str, dict],
                    stats: dict[str, dict], layers: list[int], tconf: BertConfig,
-                   estimate: dict[str, int]) -> dict[str, Any]:
+                   estimate: dict[str, int], top_k: int) -> dict[str, Any]:
     cc = cfg.cache
     splits: dict[str, dict[str, Any]] = {}
     for s in plan:
@@ -407,7 +404,7 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
     for split in cc.splits:  # a split with no examples still says so
         for view in cc.views:
             splits.setdefault(split, {}).setdefault(view, {"examples": 0, "tokens": 0, "positions": 0, "shards": []})
-    k, h = cc.top_k, tconf.hidden_size
+    k, h = top_k, tconf.hidden_size
     tensors = {"example_index": ["examples"], "pos_offsets": ["examples + 1"], "positions": ["positions"],
                "topk_ids": ["positions", k], "topk_probs": ["positions", k], "topk_mass": ["positions"],
                "tok_offsets": ["examples + 1"]}
@@ -422,7 +419,9 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
                     "num_layers": tconf.num_hidden_layers, "vocab_size": tconf.vocab_size},
         "pairs": {"fingerprint": ctx.upstream["pairs"].fingerprint},
         "top_k": k, "positions": cc.positions, "layers": layers, "views": cc.views,
-        "soft_labels": "top-k ids and probabilities of the full-vocabulary softmax at temperature 1",
+        "has_soft_labels": k > 0,
+        "soft_labels": "top-k ids and probabilities of the full-vocabulary softmax at temperature 1" if k
+        else "none: the teacher has no MLM head (hidden states only)",
         "examples_per_shard": cc.examples_per_shard,
         "tensors": tensors,
         "splits": splits,

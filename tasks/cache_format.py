@@ -225,6 +225,8 @@ class CachedPairs:
         self.pairs = pairs.select_columns([*self.columns, self.length_column])
         self.layers: list[int] = list(self.manifest["layers"])
         self.top_k: int = self.manifest["top_k"]
+        # False for a teacher without an MLM head: the soft-label columns are then empty (k = 0)
+        self.has_soft_labels: bool = bool(self.manifest.get("has_soft_labels", True))
         self.shards: list[dict[str, Any]] = entry["shards"]
         self._starts = np.array([s["first_example"] for s in self.shards], dtype=np.int64)
         self.max_open_shards = max_open_shards

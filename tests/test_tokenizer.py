@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,25 @@ def test_pretrained_tokenizer_replaces_training(make_config, tmp_path, corpus):
     copied = AutoTokenizer.from_pretrained(rec.dir)
     assert copied.get_vocab() == AutoTokenizer.from_pretrained(teacher).get_vocab()
     assert (rec.dir / "vocab.txt").is_file()
+
+
+def test_a_pretrained_tokenizers_fixed_padding_is_not_copied(make_config, tmp_path, corpus):
+    """all-MiniLM-L6-v2's tokenizer.json pads and truncates every text to 128 tokens; the copy must not
+    (the fertility would count the padding), and must measure as the unpadded tokenizer does."""
+    source = build(make_config, tmp_path / "src", corpus, "tokenizer.vocab_size=300").dir
+    plain = build(make_config, tmp_path / "plain", corpus, f"teacher.pretrained={source}")
+    teacher = tmp_path / "teacher"
+    padded = AutoTokenizer.from_pretrained(source)
+    padded.backend_tokenizer.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    padded.backend_tokenizer.enable_truncation(max_length=128)
+    padded.save_pretrained(teacher)
+    assert json.loads((teacher / "tokenizer.json").read_text())["padding"] is not None
+
+    rec = build(make_config, tmp_path / "run", corpus, f"teacher.pretrained={teacher}")
+    saved = json.loads((rec.dir / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
+    for key in ("fertility", "unk_rate", "validation_tokens"):
+        assert rec.manifest["counts"][key] == plain.manifest["counts"][key], key
 
 
 def test_missing_pretrained_tokenizer_is_a_clear_error(make_config, workdir, corpus, tmp_path):
