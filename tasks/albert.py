@@ -7,7 +7,8 @@ two ways, each with the shared training engine, and evaluate both on the validat
   Lce on the teacher's cached top-k support at temperature T, Lmlm on the true tokens (models/losses.py,
   as DistilBERT), Lsop on the order label, and Lcos between the student's last hidden states and the
   teacher's last layer (cached, fp16); when the hidden sizes differ the student's side goes through a
-  learned nn.Linear(H_student, H_teacher), trained with the student and dropped at save.
+  learned nn.Linear(H_student, H_teacher), trained with the student and dropped at save. A teacher without
+  an MLM head (teacher.mlm_head: none) has no soft labels: Lce is dropped and the result says so.
 
 Both variants start from the same initial weights and see the same batch order (same seed), so their
 difference is the teacher. Output per variant: `<variant>/model/` (save_pretrained safetensors + the
@@ -19,7 +20,6 @@ stage resumes there (a finished variant is not trained again) and are dropped wh
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -54,8 +54,9 @@ from tasks.cache_format import (
     soft_targets,
 )
 from tasks.config import AlbertSectionConfig, PipelineConfig
+from tasks.scoring import wilson_interval
 from tasks.stage import StageContext, StageError, StageReport, StageSpec
-from tasks.teacher import saved_teacher_dir
+from tasks.teacher import load_saved
 
 VARIANTS = ("scratch", "distilled")
 REGISTERED_NAMES = {"scratch": "lightbert-albert-scratch", "distilled": "lightbert-albert-distilled"}
@@ -91,17 +92,6 @@ class RealTokenCount:
         batch = self.collate(rows)
         batch["attention_mask"] = batch["sop_attention_mask"]
         return batch
-
-
-def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal approximation)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate_albert(model: AlbertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
@@ -157,24 +147,35 @@ class DistillationStudent(nn.Module):
         return self.albert.config
 
 
-def distillation_loss_fn(acfg: AlbertSectionConfig, teacher_layer: int):
-    """The engine's loss_fn for the distilled variant on a CachedPairsCollator batch of the SOP view."""
+def distillation_loss_fn(acfg: AlbertSectionConfig, teacher_layer: int, soft_labels: bool = True):
+    """The engine's loss_fn for the distilled variant on a CachedPairsCollator batch of the SOP view;
+    soft_labels=False (a teacher without an MLM head): no Lce term."""
     hidden_key = f"teacher_{hidden_name(teacher_layer)}"
 
     def loss_fn(student: DistillationStudent, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         soft = batch["teacher_position_mask"]
-        out = albert_forward(student.albert, batch, extra_positions=soft)
-        student_at_soft = out.mlm_logits[soft[out.positions]]  # rows aligned with the cached top-k rows
-        ce = soft_label_loss(gather_support(student_at_soft, batch["teacher_topk_ids"]),
-                             soft_targets(batch["teacher_topk_probs"], acfg.temperature), acfg.temperature)
+        out = albert_forward(student.albert, batch, extra_positions=soft if soft_labels else None)
         cos = cosine_loss([student.projection(out.last_hidden_state)], [batch[hidden_key]],
                           batch["sop_attention_mask"])
-        loss = (acfg.alpha_ce * ce + acfg.alpha_mlm * out.mlm_loss + acfg.alpha_sop * out.sop_loss
-                + acfg.alpha_cos * cos)
-        return loss, {"ce_loss": ce.detach(), "mlm_loss": out.mlm_loss.detach(), "sop_loss": out.sop_loss.detach(),
-                      "cos_loss": cos.detach()}
+        loss = acfg.alpha_mlm * out.mlm_loss + acfg.alpha_sop * out.sop_loss + acfg.alpha_cos * cos
+        terms = {"mlm_loss": out.mlm_loss.detach(), "sop_loss": out.sop_loss.detach(), "cos_loss": cos.detach()}
+        if soft_labels:
+            student_at_soft = out.mlm_logits[soft[out.positions]]  # rows aligned with the cached top-k rows
+            ce = soft_label_loss(gather_support(student_at_soft, batch["teacher_topk_ids"]),
+                                 soft_targets(batch["teacher_topk_probs"], acfg.temperature), acfg.temperature)
+            loss = loss + acfg.alpha_ce * ce
+            terms["ce_loss"] = ce.detach()
+        return loss, terms
 
     return loss_fn
+
+
+def distilled_losses(acfg: AlbertSectionConfig, soft_labels: bool) -> tuple[list[str], dict[str, str]]:
+    """(the loss terms the distilled variant uses, {dropped term: why})."""
+    weights = {"ce": acfg.alpha_ce if soft_labels else 0.0, "mlm": acfg.alpha_mlm, "sop": acfg.alpha_sop,
+               "cos": acfg.alpha_cos}
+    dropped = {} if soft_labels or acfg.alpha_ce == 0 else {"ce": "teacher has no MLM head (teacher.mlm_head: none)"}
+    return [name for name, w in weights.items() if w > 0], dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +219,8 @@ def check_distillation_inputs(cfg: PipelineConfig, cache_dir: Path, teacher: Ber
 
 
 def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: AlbertConfig, tok,
-                  teacher: BertConfig, val_ds: Dataset, collate: engine.PadCollator) -> dict[str, Any]:
+                  teacher: BertConfig, val_ds: Dataset, collate: engine.PadCollator,
+                  soft_labels: bool = True) -> dict[str, Any]:
     """Train, evaluate and save one variant; returns its result (also written to <variant>/result.json)."""
     acfg = cfg.albert
     vdir = ctx.out_dir / variant
@@ -240,7 +242,7 @@ def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: 
         except (KeyError, ValueError) as exc:
             raise StageError(f"the teacher cache does not fit the pairs: {exc}; rerun the cache stage") from exc
         train_collate = CachedPairsCollator(tok.pad_token_id, "sop", (layer,), pad_multiple)
-        loss_fn = distillation_loss_fn(acfg, layer)
+        loss_fn = distillation_loss_fn(acfg, layer, soft_labels)
 
     eval_batch = 2 * acfg.train.batch_size
 
@@ -267,6 +269,8 @@ def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: 
     out = {"variant": variant, "counts": counts, "resumed_from_step": result.resumed_from_step,
            "device": str(result.runtime.device), "precision": result.runtime.precision,
            "examples_train": len(train_data)}
+    if variant == "distilled":
+        out["losses_used"], out["dropped"] = distilled_losses(acfg, soft_labels)
     atomic_write_json(vdir / RESULT, out)
     shutil.rmtree(vdir / CHECKPOINTS, ignore_errors=True)  # the variant is done: nothing to resume
     return out
@@ -275,12 +279,16 @@ def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: 
 def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     acfg = cfg.albert
-    teacher_dir = saved_teacher_dir(ctx)
-    teacher = BertConfig.from_pretrained(teacher_dir)
-    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    saved = load_saved(ctx.upstream_dir("teacher"))
+    teacher = saved.config
+    tok = AutoTokenizer.from_pretrained(str(saved.model_dir))
     config = student_config(acfg, teacher, tok)
     if "distilled" in acfg.variants:  # fail before any training, not after the scratch variant
         check_distillation_inputs(cfg, ctx.upstream_dir("cache"), teacher, len(tok))
+        used, _ = distilled_losses(acfg, saved.has_mlm_head)
+        if not used:
+            raise StageError("albert's distilled variant has nothing to train on: every weight but alpha_ce is 0 "
+                             "and the teacher has no MLM head; raise albert.alpha_mlm, alpha_sop or alpha_cos")
     collate = sop_collator(tok.pad_token_id, 8 if torch.cuda.is_available() else 1)
     val_ds = load_sop_pairs(ctx.upstream_dir("pairs"), "validation").select_columns([*SOP_INPUTS, LENGTH])
 
@@ -294,7 +302,7 @@ def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             result = json.loads(result_path.read_text(encoding="utf-8"))  # finished by an interrupted attempt
             result["kept_from_interrupted_attempt"] = True
         else:
-            result = train_variant(variant, cfg, ctx, config, tok, teacher, val_ds, collate)
+            result = train_variant(variant, cfg, ctx, config, tok, teacher, val_ds, collate, saved.has_mlm_head)
             if not result:  # another rank of a torchrun launch: it trains every variant, rank 0 writes
                 continue
         counts.update({f"{variant}_{k}": v for k, v in result["counts"].items()})

@@ -1,6 +1,5 @@
-"""Downstream fine-tuning: each model (teacher, DistilBERT, ALBERT) fine-tuned on a sentence
-classification task with the same budget and seeds, and scored by test accuracy (the evaluate stage's
-downstream figure).
+"""Downstream tasks: the labelled data every model is fine-tuned and distilled on (tasks/finetune.py,
+the task stages), as train / validation / test splits with a known metric.
 
 Tasks (`DownstreamConfig.tasks`):
     movie-sentences  the embedded Rotten Tomatoes sentences (data/sources.yaml, Hutto & Gilbert 2014),
@@ -8,71 +7,60 @@ Tasks (`DownstreamConfig.tasks`):
                      dropped (10,568 sentences). Needs only the package registry.
     glue/<task>      a GLUE task through `datasets.load_dataset("nyu-mll/glue", task)`; needs the Hugging
                      Face hub. GLUE's test labels are hidden, so test = GLUE's validation split (mnli: the
-                     matched one) and validation = a hash slice of GLUE's train split.
+                     matched one) and validation = a hash slice of GLUE's train split. Scored by GLUE's own
+                     metrics (GLUE_METRICS): CoLA MCC, MRPC / QQP F1 and accuracy, STS-B (a regression)
+                     Pearson and Spearman, the others accuracy. ax (no training split) is not offered.
+    a local file     your own labelled csv, tsv (tab-separated, no quoting), jsonl or parquet file
+                     (tasks.config.TaskSpec: name, path, text_column, [text_pair_column,] label_column, type,
+                     [split_column,] [id_column]), read with the datasets builders (`load_dataset("csv" |
+                     "json" | "parquet", data_files=...)`). classification: labels are class names or
+                     integers, any number of classes; class ids follow the sorted order of the distinct
+                     labels (numbers by value, so integer labels 0..K-1 keep their ids; names in Unicode
+                     order, e.g. negative < neutral < positive) and info["label_names"][id] is the label.
+                     regression: numeric labels (float32), num_labels 1.
 
 Splits are a pure function of each example's id: sha256 of "<task>/<id>" mapped to [0, 1) puts an example in
 test (below test_fraction), validation (below test + validation fraction) or train, so a row's split never
 depends on row order or on the other rows. `max_train_examples` keeps the train examples with the smallest
-hash values (a smaller cap is a subset of a larger one).
+hash values (a smaller cap is a subset of a larger one). A local file's id is its id_column or, without one,
+the sha256 of its text(s) (repeated sentences land in one split). With a split_column the file says each row's
+split (SPLIT_SPELLINGS: train / training, validation / valid / val / dev / development, test / testing, any
+case); when it names no validation rows, validation is a hash slice (validation_fraction) of its train rows.
 
 Public API:
     load_task(task, cfg, cache_dir) -> (DatasetDict, info)
+        task: a name (movie-sentences, glue/<task>), a tasks.config.TaskSpec, its mapping, or a file path.
         DatasetDict with train / validation / test, columns id (str), text (str), [text_pair (str) for
-        pair tasks,] label (int). info: task, source, num_labels, label_names, pair, counts {split: n},
-        label_counts {split: {label: n}}, test_majority_accuracy, split (the split settings), data_sha256,
-        fingerprint (of the data and the split settings), and what was read / dropped.
-    finetune(model_dir, data, cfg, seed, num_labels=2, precision="auto", *, runtime=None, metrics_sink=None,
-             progress=False, cpu_threads=None) -> dict
-        Fine-tunes the checkpoint saved in model_dir (with its tokenizer; config.model_type bert, distilbert
-        or albert) with the engine of tasks/engine.py and returns test_accuracy, test_accuracy_ci95 [low,
-        high], validation_accuracy, train_examples, validation_examples, test_examples, epochs, steps,
-        seconds (all of finetune), train_seconds, train_tokens_per_second, final_train_loss, model_type,
-        parameters, seed, precision, device, max_seq_len, cpu_threads. A tiny model on a shared 2-core CPU
-        trains several times faster with cpu_threads=1 (a second thread's OpenMP spin-waits).
-    load_classifier(model_dir, num_labels, dropout) -> the *ForSequenceClassification of the checkpoint.
-
-Fine-tuning: AdamW (no decay on biases and LayerNorm), linear warmup over warmup_fraction of the steps then
-linear decay to 0, gradient clipping at 1.0, `cfg.epochs` passes (fractional allowed: steps =
-ceil(epochs x batches per epoch)) of length-bucketed batches in an order that depends only on the seed,
-bf16 autocast on CUDA and fp32 on CPU. On a CPU the same seed gives the same result. The classifier
-head is new (initialised from the seed); BERT's pooler comes from its NSP training, ALBERT's from SOP,
-DistilBERT's pre-classifier is new (as in DistilBERT's own fine-tuning).
+        pair tasks,] label (int64 for classification, float32 for regression). info: task, source,
+        task_type ("classification" | "regression"), metric (the main one, which selects models), metrics
+        (those reported, main first), num_labels (1 for regression), label_names ([] for regression), pair,
+        counts {split: n}, label_counts {split: {label: n}} (classification; None for regression),
+        label_stats {split: {mean, std, min, max}} (regression), test_majority_accuracy (None for regression),
+        split (the split settings), data_sha256, fingerprint (of the data, the split settings and a local
+        file's columns), and what was read / dropped.
+    task_name(task) -> str: the name a task entry is reported under.
+Fitting a model to a task is tasks/finetune.py's job.
 """
 
 from __future__ import annotations
 
-import contextlib
+import csv
+import difflib
 import hashlib
-import inspect
 import math
 import os
-import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from datasets import utils as datasets_utils
-from torch import nn
-from transformers import (
-    AlbertForSequenceClassification,
-    AutoConfig,
-    AutoTokenizer,
-    BertForSequenceClassification,
-    DistilBertForSequenceClassification,
-    PreTrainedModel,
-)
-from transformers.utils import logging as hf_logging
 
-from models.albert import load_albert
-from tasks import engine
-from tasks.albert import wilson_interval
 from tasks.artifacts import sha256_json
-from tasks.config import ConfigError, DownstreamConfig, TrainingConfig
+from tasks.config import LOCAL_TASK_FORMATS, ConfigError, DownstreamConfig, TaskSpec
+from tasks.scoring import reported_metrics
 from tasks.sources import embedded_sources, fetch_embedded
 from tasks.stage import StageError
 from tasks.text import decode_utf8
@@ -81,18 +69,28 @@ MOVIE_SENTENCES = "movie-sentences"
 MAX_GRAD_NORM = 1.0
 EVAL_BATCH_SIZE = 128
 SPLITS = ("train", "validation", "test")
-# GLUE task -> (first sentence column, second sentence column or None, number of labels, split used as test).
-# stsb (a regression) and ax (no training split) are not accuracy tasks.
+# GLUE task -> (first sentence column, second sentence column or None, number of labels (1: a regression),
+# split used as test). ax (no training split) is left out.
 GLUE_TASKS: dict[str, tuple[str, str | None, int, str]] = {
     "cola": ("sentence", None, 2, "validation"),
     "sst2": ("sentence", None, 2, "validation"),
     "mrpc": ("sentence1", "sentence2", 2, "validation"),
     "qqp": ("question1", "question2", 2, "validation"),
+    "stsb": ("sentence1", "sentence2", 1, "validation"),
     "mnli": ("premise", "hypothesis", 3, "validation_matched"),
     "qnli": ("question", "sentence", 2, "validation"),
     "rte": ("sentence1", "sentence2", 2, "validation"),
     "wnli": ("sentence1", "sentence2", 2, "validation"),
 }
+# GLUE's official metrics (Wang et al. 2019), the one that selects models first; the tasks not named: accuracy.
+GLUE_METRICS: dict[str, tuple[str, ...]] = {"cola": ("mcc",), "mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"),
+                                            "stsb": ("pearson", "spearman")}
+# How a local file's split_column may name each split (compared after strip() and lower()).
+SPLIT_SPELLINGS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                   "val": "validation", "dev": "validation", "development": "validation", "test": "test",
+                   "testing": "test"}
+LOCAL_BUILDERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+                  "jsonl": ("json", {}), "parquet": ("parquet", {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,34 +119,63 @@ def split_by_id(task: str, ids: list[str], validation_fraction: float, test_frac
     return out
 
 
-def _features(pair: bool) -> Features:
+def _features(pair: bool, task_type: str = "classification") -> Features:
     cols = {"id": Value("string"), "text": Value("string")}
     if pair:
         cols["text_pair"] = Value("string")
-    return Features({**cols, "label": Value("int64")})
+    return Features({**cols, "label": Value("int64" if task_type == "classification" else "float32")})
 
 
 def _info(task: str, data: DatasetDict, label_names: list[str], pair: bool, source: str,
-          split_settings: dict[str, Any], data_sha256: str | None, **extra: Any) -> dict[str, Any]:
-    label_counts = {s: {str(k): v for k, v in sorted(Counter(data[s]["label"]).items())} for s in SPLITS}
-    test_n = max(len(data["test"]), 1)
+          split_settings: dict[str, Any], data_sha256: str | None, *, task_type: str = "classification",
+          metrics: list[str] | tuple[str, ...] | None = None, columns: dict[str, Any] | None = None,
+          **extra: Any) -> dict[str, Any]:
+    num_labels = len(label_names) if task_type == "classification" else 1
+    metrics = list(metrics or reported_metrics(task_type, num_labels))
+    if task_type == "classification":
+        label_counts = {s: {str(k): v for k, v in sorted(Counter(data[s]["label"]).items())} for s in SPLITS}
+        labels = {"label_counts": label_counts, "test_majority_accuracy":
+                  max(label_counts["test"].values(), default=0) / max(len(data["test"]), 1)}
+    else:
+        values = {s: np.asarray(data[s]["label"], dtype=np.float64) for s in SPLITS}
+        labels = {"label_counts": None, "test_majority_accuracy": None, "label_stats": {
+            s: {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+            for s, v in values.items() if len(v)}}
+    fingerprinted = {"task": task, "data": data_sha256, "split": split_settings}
+    if columns is not None:  # a local file: the same file read with other columns is another task
+        fingerprinted["columns"] = columns
     return {
-        "task": task, "source": source, "num_labels": len(label_names), "label_names": label_names,
-        "pair": pair, "counts": {s: len(data[s]) for s in SPLITS}, "label_counts": label_counts,
-        "test_majority_accuracy": max(label_counts["test"].values(), default=0) / test_n,
-        "split": split_settings, "data_sha256": data_sha256,
-        "fingerprint": sha256_json({"task": task, "data": data_sha256, "split": split_settings}),
-        **extra,
+        "task": task, "source": source, "task_type": task_type, "metric": metrics[0], "metrics": metrics,
+        "num_labels": num_labels, "label_names": label_names, "pair": pair,
+        "counts": {s: len(data[s]) for s in SPLITS}, **labels,
+        "split": split_settings, "data_sha256": data_sha256, "fingerprint": sha256_json(fingerprinted),
+        **({"columns": columns} if columns is not None else {}), **extra,
     }
 
 
-def load_task(task: str, cfg: DownstreamConfig, cache_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
+def task_name(task: str | TaskSpec) -> str:
+    """The name a downstream task entry is reported under (info["task"])."""
+    return task.name if isinstance(task, TaskSpec) else task
+
+
+def load_task(task: str | TaskSpec | Mapping[str, Any], cfg: DownstreamConfig,
+              cache_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
     """(train/validation/test DatasetDict, info) of one downstream task; see the module docstring."""
+    if isinstance(task, Mapping):
+        try:
+            task = TaskSpec.from_entry(dict(task))
+        except ValueError as exc:
+            raise ConfigError(f"evaluate.downstream.tasks: {exc}") from None
+    if isinstance(task, str) and Path(task).suffix.lower() in LOCAL_TASK_FORMATS:
+        task = TaskSpec(path=task)
+    if isinstance(task, TaskSpec):
+        return load_local_task(task, cfg, cache_dir)
     if task == MOVIE_SENTENCES:
         return load_movie_sentences(cfg, cache_dir)
     if task.startswith("glue/"):
         return load_glue(task.removeprefix("glue/"), cfg)
-    raise ConfigError(f"unknown downstream task {task!r}; use {MOVIE_SENTENCES} or glue/<task> (e.g. glue/sst2)")
+    raise ConfigError(f"unknown downstream task {task!r}; use {MOVIE_SENTENCES}, glue/<task> (e.g. glue/sst2) or "
+                      "your own labelled file ({name: NAME, path: FILE.csv, text_column: ..., label_column: ...})")
 
 
 def fetch_movie_sentences(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -204,11 +231,12 @@ def load_movie_sentences(cfg: DownstreamConfig, cache_dir: Path) -> tuple[Datase
 
 
 def load_glue(name: str, cfg: DownstreamConfig) -> tuple[DatasetDict, dict[str, Any]]:
-    """A GLUE classification task from the hub (test = GLUE validation, validation = a hash slice of train)."""
+    """A GLUE task from the hub (test = GLUE validation, validation = a hash slice of train)."""
     if name not in GLUE_TASKS:
-        raise ConfigError(f"evaluate.downstream.tasks: glue/{name} is not a GLUE accuracy task here; use one of "
-                          f"{', '.join('glue/' + t for t in GLUE_TASKS)}")
+        raise ConfigError(f"evaluate.downstream.tasks: glue/{name} is not a GLUE task here (ax has no training "
+                          f"split); use one of {', '.join('glue/' + t for t in GLUE_TASKS)}")
     first, second, num_labels, test_split = GLUE_TASKS[name]
+    task_type = "classification" if num_labels > 1 else "regression"
     try:
         import datasets
 
@@ -228,7 +256,7 @@ def load_glue(name: str, cfg: DownstreamConfig) -> tuple[DatasetDict, dict[str, 
         if pair:
             cols["text_pair"] = ds[second]
         cols["label"] = ds["label"]
-        return Dataset.from_dict(cols, features=_features(pair))
+        return Dataset.from_dict(cols, features=_features(pair, task_type))
 
     train_all = convert(glue["train"])
     split = split_by_id(f"glue/{name}", train_all["id"], cfg.validation_fraction, None, cfg.max_train_examples)
@@ -236,153 +264,187 @@ def load_glue(name: str, cfg: DownstreamConfig) -> tuple[DatasetDict, dict[str, 
                         "validation": train_all.select(split["validation"]),
                         "test": convert(glue[test_split])})
     label_feature = glue["train"].features["label"]
-    names = list(getattr(label_feature, "names", None) or [str(i) for i in range(num_labels)])
+    names = (list(getattr(label_feature, "names", None) or [str(i) for i in range(num_labels)])
+             if task_type == "classification" else [])
     settings = {"by": "sha256 of task/idx of GLUE train", "validation_fraction": cfg.validation_fraction,
                 "test": f"GLUE {test_split}", "max_train_examples": cfg.max_train_examples}
     source_fp = sha256_json({s: glue[s]._fingerprint for s in ("train", test_split)})
-    return data, _info(f"glue/{name}", data, names, pair, f"nyu-mll/glue {name}", settings, source_fp)
+    return data, _info(f"glue/{name}", data, names, pair, f"nyu-mll/glue {name}", settings, source_fp,
+                       task_type=task_type, metrics=GLUE_METRICS.get(name, ("accuracy",)))
 
 
 # ------------------------------------------------------------------------------------------------
-# models: the checkpoint's sequence classifier
+# data: your own labelled file
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No per-call progress bars or load reports: finetune runs once per model, task and seed."""
-    verbosity, hf_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    ds_bars_off = datasets_utils.are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets_utils.disable_progress_bars()
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def read_local_table(path: Path, fmt: str, cache_dir: Path, where: str) -> Dataset:
+    """The whole file as one Dataset, through the datasets builder of its format. The builder's Arrow cache
+    is keyed by the file's sha256 (a file edited in place is read again)."""
+    builder, kwargs = LOCAL_BUILDERS[fmt]
+    bars_off = datasets_utils.are_progress_bars_disabled()
+    datasets_utils.disable_progress_bars()  # no "Generating train split" bar per task and model
     try:
-        yield
+        return load_dataset(builder, data_files=str(path), split="train",
+                            cache_dir=str(cache_dir / "datasets" / _file_sha256(path)[:16]), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a file datasets cannot parse is the user's to fix
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+        raise StageError(f"{where}: the {builder} builder of datasets could not read it as {fmt}: {detail[:600]}. "
+                         f"Fix the file, or set format: to what it really is (csv, tsv, jsonl or parquet)") from None
     finally:
-        hf_logging.set_verbosity(verbosity)
-        if hf_bar:
-            hf_logging.enable_progress_bar()
-        if not ds_bars_off:
+        if not bars_off:
             datasets_utils.enable_progress_bars()
 
 
-def load_classifier(model_dir: Path, num_labels: int, dropout: float) -> PreTrainedModel:
-    """The *ForSequenceClassification of a saved BERT, DistilBERT or ALBERT (pretraining heads dropped,
-    a new classifier head with `dropout` before it). Seed torch first: the new head is random."""
-    model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
-    kwargs: dict[str, Any] = {"num_labels": num_labels, "use_safetensors": True, "trust_remote_code": False}
-    with _quiet():  # "weights not used / newly initialized" is expected for a new head
-        if model_type == "bert":
-            return BertForSequenceClassification.from_pretrained(str(model_dir), classifier_dropout=dropout, **kwargs)
-        if model_type == "distilbert":
-            return DistilBertForSequenceClassification.from_pretrained(str(model_dir), seq_classif_dropout=dropout,
-                                                                       **kwargs)
-        if model_type == "albert":  # restores lightbert's attention/ffn sharing ties
-            return load_albert(model_dir, cls=AlbertForSequenceClassification, classifier_dropout_prob=dropout,
-                               num_labels=num_labels)
-    raise StageError(f"{model_dir}: model_type {model_type!r} cannot be fine-tuned here; expected a bert, "
-                     "distilbert or albert checkpoint")
+def class_ids(values: list[Any], where: str, column: str) -> tuple[list[int], list[str]]:
+    """(class id per row, label_names): ids in the sorted order of the distinct labels (numbers by value,
+    otherwise as strings), so integer labels 0..K-1 keep their ids."""
+    for row, v in enumerate(values, 1):
+        if _missing(v):
+            raise StageError(f"{where}: row {row} has no label in column {column!r}; fill it in or remove the row")
+    if all(isinstance(v, int | float | np.integer | np.floating) for v in values):
+        row = next((r for r, v in enumerate(values, 1) if float(v) != int(v)), None)
+        if row is not None:
+            raise StageError(f"{where}: column {column!r} row {row} has the label {values[row - 1]!r}, not a class: "
+                             "classification labels are class names or integers; for numeric targets set type: "
+                             "regression")
+        keys: list[Any] = [int(v) for v in values]
+        order = sorted(set(keys))
+    else:
+        keys = [str(v) for v in values]
+        order = sorted(set(keys))
+    if len(order) < 2:
+        raise StageError(f"{where}: column {column!r} holds a single class ({order[0]!r} in all {len(values)} rows); "
+                         "classification needs at least two classes. Check label_column, or set type: regression "
+                         "for numeric targets")
+    index = {k: i for i, k in enumerate(order)}
+    return [index[k] for k in keys], [str(k) for k in order]
 
 
-def tokenize(data: Dataset, tok, max_len: int, with_types: bool) -> Dataset:
-    """input_ids, attention_mask, [token_type_ids,] labels and length (for length-bucketed batches)."""
-    pair = "text_pair" in data.column_names
-
-    def encode(rows: Mapping[str, list]) -> dict[str, list]:
-        enc = tok(rows["text"], rows["text_pair"] if pair else None, truncation=True, max_length=max_len,
-                  return_token_type_ids=with_types)
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": rows["label"],
-               "length": [len(ids) for ids in enc["input_ids"]]}
-        if with_types:
-            out["token_type_ids"] = enc["token_type_ids"]
-        return out
-
-    with _quiet():
-        return data.map(encode, batched=True, batch_size=1000, remove_columns=data.column_names,
-                        keep_in_memory=True)
-
-
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """The engine's loss_fn: cross-entropy of the classifier's logits (in fp32)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return F.cross_entropy(logits.float(), batch["labels"]), {}
+def regression_targets(values: list[Any], where: str, column: str) -> list[float]:
+    """Each label as a float; the first one that is not a number is the error."""
+    out = []
+    for row, v in enumerate(values, 1):
+        if _missing(v):
+            raise StageError(f"{where}: row {row} has no label in column {column!r}; fill it in or remove the row")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise StageError(f"{where}: type regression needs numeric labels, but column {column!r} row {row} holds "
+                             f"{v!r}; fix that value, or set type: classification if the labels are classes") from None
+        if math.isnan(out[-1]):
+            raise StageError(f"{where}: row {row} has no label (NaN) in column {column!r}; fill it in or remove "
+                             "the row")
+    if min(out) == max(out):
+        raise StageError(f"{where}: every label in column {column!r} is {out[0]}: a regression needs targets that "
+                         "vary (Pearson and Spearman are undefined otherwise); check label_column")
+    return out
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, collate: engine.PadCollator, rt: engine.Runtime,
-             batch_size: int = EVAL_BATCH_SIZE) -> tuple[int, int]:
-    """(correct, total) of the model's argmax over a tokenized split, in length-sorted batches."""
-    if len(data) == 0:
-        return 0, 0
-    was_training = model.training
-    model.eval()
-    order = np.argsort(np.asarray(data["length"]), kind="stable")
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(rt.device) for k, v in collate(data[order[start:start + batch_size]]).items()}
-        labels = batch.pop("labels")
-        with rt.autocast():
-            logits = model(**batch).logits
-        correct += int((logits.argmax(-1) == labels).sum())
-    model.train(was_training)
-    return correct, len(data)
+def _splits_from_column(spec: TaskSpec, values: list[Any], ids: list[str], cfg: DownstreamConfig,
+                        where: str) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    names = []
+    for row, v in enumerate(values, 1):
+        name = SPLIT_SPELLINGS.get(str(v).strip().lower()) if not _missing(v) else None
+        if name is None:
+            raise StageError(f"{where}: column {spec.split_column!r} (split_column) row {row} holds {v!r}, not a "
+                             f"split; use one of {', '.join(SPLIT_SPELLINGS)} (any case)")
+        names.append(name)
+    index = {s: [i for i, n in enumerate(names) if n == s] for s in SPLITS}
+    settings: dict[str, Any] = {"by": f"column {spec.split_column}", "max_train_examples": cfg.max_train_examples}
+    for missing in ("train", "test"):
+        if not index[missing]:
+            raise StageError(f"{where}: no row of column {spec.split_column!r} (split_column) names the {missing} "
+                             f"split (found {dict(Counter(names))}); mark some rows {missing!r}, or drop split_column "
+                             "to split by a hash of the id")
+    train = index["train"]
+    if index["validation"]:
+        settings["validation"] = "from the column"
+        sub = split_by_id(spec.name, [ids[i] for i in train], 0.0, None, cfg.max_train_examples)
+    else:  # as GLUE: validation is a hash slice of the train rows
+        settings.update(validation="sha256 slice of the train rows", validation_fraction=cfg.validation_fraction)
+        sub = split_by_id(spec.name, [ids[i] for i in train], cfg.validation_fraction, None, cfg.max_train_examples)
+        index["validation"] = [train[j] for j in sub["validation"]]
+    index["train"] = [train[j] for j in sub["train"]]
+    return index, settings
 
 
-def finetune(model_dir: Path, data: DatasetDict, cfg: DownstreamConfig, seed: int, num_labels: int = 2,
-             precision: str = "auto", *, runtime: engine.Runtime | None = None,
-             metrics_sink: engine.MetricsSink | None = None, progress: bool = False,
-             cpu_threads: int | None = None) -> dict[str, Any]:
-    """Fine-tune the checkpoint in model_dir on data's train split; accuracies on validation and test.
-    See the module docstring for the recipe and the returned keys. cpu_threads: torch's CPU threads while
-    it runs (then restored); None leaves them as they are."""
-    rt = runtime or engine.setup_runtime(precision)
-    threads = torch.get_num_threads()
-    if cpu_threads is not None and rt.device.type == "cpu":
-        torch.set_num_threads(cpu_threads)
-    try:
-        return _finetune(Path(model_dir), data, cfg, seed, num_labels, rt, metrics_sink, progress)
-    finally:
-        torch.set_num_threads(threads)
+def load_local_task(spec: TaskSpec, cfg: DownstreamConfig, cache_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
+    """Your own labelled csv / tsv / jsonl / parquet file as a task; see the module docstring."""
+    path = Path(spec.path).expanduser()
+    where = f"downstream task {spec.name!r} ({path})"
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{where}: the file {what}; fix path: of this task in evaluate.downstream.tasks "
+                          f"(a relative path is read from {Path.cwd()})")
+    fmt = spec.format if spec.format != "auto" else LOCAL_TASK_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{where}: unknown extension {path.suffix or '(none)'!r}; use a "
+                          f"{', '.join(LOCAL_TASK_FORMATS)} file or set format: csv | tsv | jsonl | parquet")
+    table = read_local_table(path, fmt, cache_dir, where)
+    wanted = {"text_column": spec.text_column, "text_pair_column": spec.text_pair_column,
+              "label_column": spec.label_column, "split_column": spec.split_column, "id_column": spec.id_column}
+    for key, col in wanted.items():
+        if col is not None and col not in table.column_names:
+            hint = difflib.get_close_matches(col, table.column_names, n=1)
+            raise ConfigError(f"{where}: there is no column {col!r} ({key}){f'; did you mean {hint[0]!r}?' if hint else ''}"
+                              f". The file's columns are: {', '.join(table.column_names)}. Fix {key} of this task "
+                              "in evaluate.downstream.tasks")
+    if len(table) == 0:
+        raise StageError(f"{where}: the file has no rows; give it a header and labelled rows")
+    cols = table.select_columns([c for c in wanted.values() if c is not None]).to_dict()
 
+    def texts(column: str) -> list[str]:
+        return ["" if _missing(v) else str(v) for v in cols[column]]
 
-def _finetune(model_dir: Path, data: DatasetDict, cfg: DownstreamConfig, seed: int, num_labels: int,
-              rt: engine.Runtime, metrics_sink: engine.MetricsSink | None, progress: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    torch.manual_seed(seed)  # the new classifier head
-    model = load_classifier(model_dir, num_labels, cfg.dropout)
-    with_types = "token_type_ids" in inspect.signature(model.forward).parameters
-    max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
-    splits = {s: tokenize(data[s], tok, max_len, with_types) for s in SPLITS}
-    n_train = len(splits["train"])
-    if n_train == 0:
-        raise StageError("downstream fine-tuning: the train split is empty; lower the validation/test "
-                         "fractions or raise max_train_examples")
+    pair = spec.text_pair_column is not None
+    out: dict[str, list] = {"text": texts(spec.text_column)}
+    if pair:
+        out["text_pair"] = texts(spec.text_pair_column)
+    if spec.id_column is not None:
+        row = next((r for r, v in enumerate(cols[spec.id_column], 1) if _missing(v)), None)
+        if row is not None:
+            raise StageError(f"{where}: row {row} has no id in column {spec.id_column!r} (id_column); fill it in, "
+                             "or drop id_column to split by a hash of the text")
+        ids = [str(v) for v in cols[spec.id_column]]
+    else:  # the text itself is the id: the same sentence (pair) always lands in the same split
+        joined = zip(out["text"], out["text_pair"], strict=True) if pair else ((t,) for t in out["text"])
+        ids = [hashlib.sha256("\x1f".join(t).encode()).hexdigest()[:24] for t in joined]
+    if spec.type == "classification":
+        labels, label_names = class_ids(cols[spec.label_column], where, spec.label_column)
+    else:
+        labels, label_names = regression_targets(cols[spec.label_column], where, spec.label_column), []
 
-    columns = ("input_ids", "attention_mask", *(("token_type_ids",) if with_types else ()), "labels")
-    collate = engine.PadCollator(columns, {"input_ids": tok.pad_token_id or 0},
-                                 pad_to_multiple_of=8 if rt.device.type == "cuda" else 1)
-    steps = max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
-    train_cfg = TrainingConfig(
-        max_steps=steps, batch_size=cfg.batch_size, effective_batch_size=cfg.batch_size * rt.world_size,
-        learning_rate=cfg.learning_rate, warmup_steps=round(cfg.warmup_fraction * steps),
-        weight_decay=cfg.weight_decay, max_grad_norm=MAX_GRAD_NORM, eval_every=0, checkpoint_every=0,
-        log_every=min(50, steps), precision=rt.precision)
-    result = engine.train(model, classification_loss, splits["train"], train_cfg, collate, seed=seed,
-                          runtime=rt, metrics_sink=metrics_sink, progress=progress)
+    if spec.split_column is not None:
+        index, settings = _splits_from_column(spec, cols[spec.split_column], ids, cfg, where)
+    else:
+        index = split_by_id(spec.name, ids, cfg.validation_fraction, cfg.test_fraction, cfg.max_train_examples)
+        settings = {"by": "sha256 of task/id", "id": spec.id_column or "sha256 of the text(s)",
+                    "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction,
+                    "max_train_examples": cfg.max_train_examples}
+    for split in SPLITS:
+        if not index[split]:
+            fix = ("lower evaluate.downstream.validation_fraction / test_fraction" if split == "train" else
+                   f"raise evaluate.downstream.{split}_fraction" if spec.split_column is None else
+                   "raise evaluate.downstream.validation_fraction or mark some rows 'validation'")
+            raise StageError(f"{where}: the {split} split is empty ({len(ids)} rows, split {settings['by']}); add "
+                             f"rows, {fix}{', or give a split_column' if spec.split_column is None else ''}")
 
-    val_correct, val_n = accuracy(model, splits["validation"], collate, rt)
-    test_correct, test_n = accuracy(model, splits["test"], collate, rt)
-    low, high = wilson_interval(test_correct, test_n)
-    return {
-        "test_accuracy": test_correct / test_n if test_n else float("nan"),
-        "test_accuracy_ci95": [low, high],
-        "validation_accuracy": val_correct / val_n if val_n else float("nan"),
-        "train_examples": n_train, "validation_examples": val_n, "test_examples": test_n,
-        "epochs": cfg.epochs, "steps": result.steps,
-        "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
-        "train_tokens_per_second": result.tokens_per_s,
-        "final_train_loss": result.final_losses.get("train_loss", float("nan")),
-        "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
-        "seed": seed, "precision": rt.precision, "device": str(rt.device), "max_seq_len": max_len,
-        "cpu_threads": torch.get_num_threads() if rt.device.type == "cpu" else None,
-    }
+    table = Dataset.from_dict({"id": ids, **out, "label": labels}, features=_features(pair, spec.type))
+    data = DatasetDict({s: table.select(index[s]) for s in SPLITS})
+    columns = {"text": spec.text_column, "text_pair": spec.text_pair_column, "label": spec.label_column,
+               "split": spec.split_column, "id": spec.id_column, "type": spec.type, "format": fmt}
+    return data, _info(spec.name, data, label_names, pair, f"{fmt} file {path}", settings, _file_sha256(path),
+                       task_type=spec.type, columns=columns, rows_read=len(ids),
+                       empty_text_rows=sum(not t for t in out["text"]))

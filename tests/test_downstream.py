@@ -1,30 +1,30 @@
 """tasks/downstream.py: the movie-sentences task fetched for real from the package registry, its
-deterministic splits, fine-tuning of tiny saved BERT / DistilBERT / ALBERT checkpoints on a learnable
-synthetic task, and the GLUE path's offline error."""
+deterministic splits, your own labelled csv / tsv / jsonl / parquet files (written here) as tasks and their
+errors, fine-tuning of tiny saved BERT / DistilBERT / ALBERT checkpoints on a learnable synthetic task, and
+the GLUE path's offline error."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import random
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from datasets import Dataset, DatasetDict
-from transformers import BertConfig, BertForPreTraining, BertTokenizerFast, DistilBertForMaskedLM
+import yaml
+from datasets import Dataset, DatasetDict, Value
 
-from models.albert import albert_config, albert_layers, build_albert_for_pretraining
-from models.distilbert import student_config
-from tasks.config import ConfigError, DownstreamConfig, SourceSpec
+from tasks.config import ConfigError, DownstreamConfig, SourceSpec, TaskSpec, load_config, validate_config
 from tasks.downstream import (
     MOVIE_SENTENCES,
-    finetune,
-    load_classifier,
+    SPLITS,
     load_task,
     read_movie_sentences,
     split_by_id,
+    task_name,
 )
 from tasks.sources import FETCHED_MARKER, embedded_sources, fetch_embedded, resolve_source
 from tasks.stage import StageError
@@ -47,6 +47,8 @@ def test_real_movie_sentences_from_the_registry(tmp_path: Path) -> None:
     assert [p.name for p in (cache / "sources").iterdir()] == [MOVIE_SENTENCES]  # no temp folder left
 
     assert (info["rows_read"], info["dropped_zero_rating"], info["invalid_utf8_rows"]) == (10_605, 37, 0)
+    assert (info["task_type"], info["metric"], info["num_labels"]) == ("classification", "accuracy", 2)
+    assert info["metrics"] == ["accuracy", "macro_f1", "f1", "mcc"] and info["label_names"] == ["negative", "positive"]
     total = sum(info["counts"].values())
     assert total == 10_568
     per_label = {k: sum(info["label_counts"][s].get(k, 0) for s in info["label_counts"]) for k in ("0", "1")}
@@ -134,92 +136,220 @@ def test_glue_offline_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     msg = str(err.value)
     assert "glue/sst2" in msg and "Hugging Face hub" in msg and "HF_DATASETS_OFFLINE" in msg
     assert "movie-sentences" in msg
-    with pytest.raises(ConfigError, match="glue/stsb is not a GLUE accuracy task"):
+    # STS-B (a regression) is offered now: offline it gets the same clear error; ax is not offered.
+    with pytest.raises(StageError, match="glue/stsb: could not load nyu-mll/glue.*Hugging Face hub"):
         load_task("glue/stsb", DownstreamConfig(), tmp_path)
+    with pytest.raises(ConfigError, match="glue/ax is not a GLUE task here.*glue/stsb"):
+        load_task("glue/ax", DownstreamConfig(), tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
-# fine-tuning tiny saved checkpoints on a learnable task
+# your own labelled files: csv, tsv, jsonl, parquet written here, read through the datasets builders
 # ------------------------------------------------------------------------------------------------
-POSITIVE = "good great lovely superb".split()
-NEGATIVE = "bad awful dull poor".split()
-NEUTRAL = ("the a film movie story actor plot scene music ending cast script was is and of with it this "
-           "director camera long short").split()
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 
-def synthetic_task(n: int, seed: int) -> Dataset:
-    """Neutral words with one sentiment word somewhere: the label is which kind it is."""
-    rng = random.Random(seed)
-    cols: dict[str, list] = {"id": [], "text": [], "label": []}
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(4, 12))]
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        cols["id"].append(f"{seed}-{i}")
-        cols["text"].append(" ".join(words))
-        cols["label"].append(label)
-    return Dataset.from_dict(cols)
+def sentence(i: int) -> str:
+    """A different sentence for every i."""
+    return f"{WORDS[i % 12]} {WORDS[i // 12 % 12]} and {WORDS[i // 144 % 12]}, number {i}."
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random BERT, DistilBERT and ALBERT (attention shared across layers) saved with a tokenizer,
-    as the pipeline's stages save them."""
-    root = tmp_path_factory.mktemp("downstream-models")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]) + "\n")
-    tok = BertTokenizerFast(vocab=str(vocab))
-    size = len(tok)
-    bert = BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    models = {
-        "bert": BertForPreTraining(bert),
-        "distilbert": DistilBertForMaskedLM(student_config(bert, 2)),
-        "albert": build_albert_for_pretraining(albert_config(size, 16, 32, 2, 2, 64, 64, sharing="attention")),
-    }
-    out = {}
-    for name, model in models.items():
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
-@pytest.fixture(scope="module")
-def synthetic_data() -> DatasetDict:
-    return DatasetDict({"train": synthetic_task(320, 0), "validation": synthetic_task(64, 1),
-                        "test": synthetic_task(200, 2)})
+def disjoint_cover(data: DatasetDict, n: int) -> None:
+    ids = [data[s]["id"] for s in SPLITS]
+    assert sum(len(i) for i in ids) == n
+    assert not (set(ids[0]) & set(ids[1]) or set(ids[0]) & set(ids[2]) or set(ids[1]) & set(ids[2]))
 
 
-FINETUNE = DownstreamConfig(epochs=6, batch_size=16, learning_rate=3e-3, warmup_fraction=0.1, dropout=0.0,
-                            max_seq_len=32)
+def test_csv_with_string_labels_split_by_a_hash_of_the_text(tmp_path: Path) -> None:
+    names = ["positive", "negative", "neutral"]
+    rows = [[sentence(i), names[i % 3]] for i in range(300)]
+    path = write_csv(tmp_path / "reviews.csv", ["review", "sentiment"], rows)
+    spec = TaskSpec(name="reviews", path=str(path), text_column="review", label_column="sentiment")
+    cfg, cache = DownstreamConfig(), tmp_path / "cache"
+    data, info = load_task(spec, cfg, cache)
+
+    assert info["task"] == task_name(spec) == "reviews" and info["rows_read"] == 300
+    assert (info["task_type"], info["metric"], info["metrics"], info["num_labels"], info["pair"]) == (
+        "classification", "accuracy", ["accuracy", "macro_f1"], 3, False)
+    assert info["label_names"] == ["negative", "neutral", "positive"]  # the sorted names; id = position
+    assert data["train"].features["label"] == Value("int64") and set(data["train"].column_names) == {"id", "text", "label"}
+    label_of = dict(map(tuple, rows))
+    for s in SPLITS:
+        assert all(info["label_names"][y] == label_of[t] for t, y in zip(data[s]["text"], data[s]["label"], strict=True))
+    disjoint_cover(data, 300)
+    assert all(abs(info["counts"][s] - 30) <= 15 for s in ("validation", "test"))  # 10% each of 300
+    assert sum(info["label_counts"]["test"].values()) == info["counts"]["test"]
+    assert info["data_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["split"]["id"] == "sha256 of the text(s)" and info["columns"]["label"] == "sentiment"
+
+    # The same rows in another order: every sentence keeps its split and its label id.
+    shuffled = write_csv(tmp_path / "shuffled.csv", ["review", "sentiment"], random.Random(0).sample(rows, len(rows)))
+    again, _ = load_task(spec.model_copy(update={"path": str(shuffled)}), cfg, cache)
+    for s in SPLITS:
+        assert dict(zip(again[s]["text"], again[s]["label"], strict=True)) == dict(
+            zip(data[s]["text"], data[s]["label"], strict=True))
+    # Read again from the same file: same ids, same fingerprint.
+    third, info3 = load_task(spec, cfg, cache)
+    assert {s: third[s]["id"] for s in SPLITS} == {s: data[s]["id"] for s in SPLITS}
+    assert info3["fingerprint"] == info["fingerprint"]
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "albert"])
-def test_finetuning_learns(family: str, checkpoints, synthetic_data, one_torch_thread) -> None:
-    res = finetune(checkpoints[family], synthetic_data, FINETUNE, seed=3)
-    assert res["model_type"] == family and res["device"] == "cpu" and res["precision"] == "fp32"
-    assert (res["train_examples"], res["validation_examples"], res["test_examples"]) == (320, 64, 200)
-    assert res["steps"] == 6 * 20
-    assert res["test_accuracy"] >= 0.9, res
-    low, high = res["test_accuracy_ci95"]
-    assert low < res["test_accuracy"] <= high + 1e-9
-    assert res["train_tokens_per_second"] > 0 and res["seconds"] >= res["train_seconds"] > 0
+def test_tsv_sentence_pairs_with_their_own_split_column(tmp_path: Path) -> None:
+    """Tab-separated, no quoting: a stray double quote stays part of the text. Spellings of the splits in
+    any case: Train / training / dev / Val / TEST."""
+    spellings = ["Train", "training", "train", "TRAIN", "train", "train", "train", "dev", "Val", "TEST"]
+    lines = ["first\tsecond\tsame\tpart"]
+    for i in range(200):
+        lines.append(f'"{sentence(i)}\t{sentence(i + 1)}\t{int(i % 4 == 0)}\t{spellings[i % 10]}')
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = TaskSpec(name="pairs", path=str(path), text_column="first", text_pair_column="second",
+                    label_column="same", split_column="part")
+    data, info = load_task(spec, DownstreamConfig(), tmp_path / "cache")
+
+    assert info["counts"] == {"train": 140, "validation": 40, "test": 20}
+    assert {int(t.split("number ")[1].rstrip(".")) % 10 for t in data["test"]["text"]} == {9}
+    assert {int(t.split("number ")[1].rstrip(".")) % 10 for t in data["validation"]["text"]} == {7, 8}
+    assert data["test"]["text"][0] == f'"{sentence(9)}' and data["test"]["text_pair"][0] == sentence(10)
+    assert info["pair"] and set(data["train"].column_names) == {"id", "text", "text_pair", "label"}
+    assert info["label_names"] == ["0", "1"] and info["metrics"] == ["accuracy", "macro_f1", "f1", "mcc"]
+    assert info["label_counts"]["test"] == {"0": 20}  # i % 4 == 0 never meets i % 10 == 9
+    assert info["split"]["by"] == "column part" and info["split"]["validation"] == "from the column"
+    disjoint_cover(data, 200)
 
 
-def test_albert_classifier_keeps_the_sharing_ties(checkpoints) -> None:
-    model = load_classifier(checkpoints["albert"], num_labels=2, dropout=0.1)
-    layers = albert_layers(model)
-    assert len(layers) == 2 and layers[0].attention is layers[1].attention and layers[0].ffn is not layers[1].ffn
-    assert model.config.classifier_dropout_prob == 0.1
+def test_jsonl_regression_split_by_its_id_column(tmp_path: Path) -> None:
+    path = tmp_path / "similarity.jsonl"
+    records = [{"uid": 1000 + i, "a": sentence(i), "b": sentence(i * 7), "score": (i % 11) / 2} for i in range(250)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    spec = TaskSpec(name="similarity", path=str(path), text_column="a", text_pair_column="b", label_column="score",
+                    type="regression", id_column="uid")
+    cfg = DownstreamConfig(validation_fraction=0.2, test_fraction=0.2)
+    data, info = load_task(spec, cfg, tmp_path / "cache")
+
+    assert (info["task_type"], info["metric"], info["metrics"], info["num_labels"], info["label_names"]) == (
+        "regression", "pearson", ["pearson", "spearman", "mse"], 1, [])
+    assert data["train"].features["label"] == Value("float32") and info["test_majority_accuracy"] is None
+    ids = [str(r["uid"]) for r in records]
+    expected = split_by_id("similarity", ids, 0.2, 0.2, None)
+    assert {s: data[s]["id"] for s in SPLITS} == {s: [ids[i] for i in expected[s]] for s in SPLITS}
+    score_of = {str(r["uid"]): r["score"] for r in records}
+    assert all(y == pytest.approx(score_of[i]) for i, y in zip(data["test"]["id"], data["test"]["label"], strict=True))
+    stats = info["label_stats"]["train"]
+    assert stats["min"] >= 0 and stats["max"] <= 5 and 0 < stats["std"]
 
 
-def test_same_seed_same_result_on_cpu(checkpoints, synthetic_data, one_torch_thread) -> None:
-    cfg = FINETUNE.model_copy(update={"epochs": 0.5, "dropout": 0.1})
-    timing = ("seconds", "train_seconds", "train_tokens_per_second")
-    a, b = (finetune(checkpoints["albert"], synthetic_data, cfg, seed=7) for _ in range(2))
-    assert a["steps"] == 10  # half of 20 batches
-    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-    c = finetune(checkpoints["albert"], synthetic_data, cfg, seed=8)
-    assert c["final_train_loss"] != a["final_train_loss"]
+def test_parquet_with_train_and_test_rows_only(tmp_path: Path) -> None:
+    """Integer labels 1..5 become ids 0..4 (names "1".."5"); validation is a hash slice of the train rows;
+    a train cap keeps a subset of train and leaves validation and test alone."""
+    n = 400
+    table = Dataset.from_dict({"body": [sentence(i) for i in range(n)], "stars": [1 + i % 5 for i in range(n)],
+                               "fold": ["test" if i % 4 == 0 else "train" for i in range(n)]})
+    path = tmp_path / "stars.parquet"
+    table.to_parquet(str(path))
+    spec = TaskSpec(name="stars", path=str(path), text_column="body", label_column="stars", split_column="fold")
+    cfg, cache = DownstreamConfig(), tmp_path / "cache"
+    data, info = load_task(spec, cfg, cache)
+
+    assert info["label_names"] == ["1", "2", "3", "4", "5"] and info["num_labels"] == 5
+    star_of = dict(zip(table["body"], table["stars"], strict=True))
+    assert all(star_of[t] == y + 1 for t, y in zip(data["train"]["text"], data["train"]["label"], strict=True))
+    assert set(data["test"]["text"]) == {sentence(i) for i in range(0, n, 4)}
+    train_rows = {sentence(i) for i in range(n) if i % 4}
+    assert set(data["train"]["text"]) | set(data["validation"]["text"]) == train_rows
+    assert abs(len(data["validation"]) - 30) <= 15  # 10% of the 300 train rows
+    assert info["split"]["validation"] == "sha256 slice of the train rows"
+    disjoint_cover(data, n)
+
+    capped, _ = load_task(spec, cfg.model_copy(update={"max_train_examples": 50}), cache)
+    assert len(capped["train"]) == 50 and set(capped["train"]["id"]) <= set(data["train"]["id"])
+    assert capped["validation"]["id"] == data["validation"]["id"] and capped["test"]["id"] == data["test"]["id"]
+
+
+def test_file_tasks_in_the_yaml(tmp_path: Path) -> None:
+    """A mapping, a bare path and a built-in name side by side; the resolved config round-trips."""
+    path = write_csv(tmp_path / "news.csv", ["text", "label"], [[sentence(i), i % 2] for i in range(40)])
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({"evaluate": {"downstream": {"tasks": [
+        "movie-sentences", {"name": "news", "path": str(path)}, str(tmp_path / "other.tsv")]}}}))
+    cfg, _ = load_config("smoke", config_file=user)
+    tasks = cfg.evaluate.downstream.tasks
+    assert [task_name(t) for t in tasks] == ["movie-sentences", "news", "other"]
+    assert tasks[1] == TaskSpec(name="news", path=str(path)) and tasks[2].path == str(tmp_path / "other.tsv")
+    assert validate_config(cfg.model_dump(mode="json")) == cfg
+    assert load_task(tasks[1], cfg.evaluate.downstream, tmp_path / "cache")[1]["counts"]["train"] > 0
+
+    def config_error(tasks: list) -> str:
+        with pytest.raises(ConfigError) as err:
+            validate_config({"evaluate": {"downstream": {"tasks": tasks}}})
+        return str(err.value)
+
+    msg = config_error([{"name": "news", "path": "a.csv"}, {"name": "news", "path": "b.jsonl"}])
+    assert "'news' appears more than once" in msg and "its own name" in msg
+    assert "'movie-sentences' appears more than once" in config_error(["movie-sentences", "movie-sentences"])
+    msg = config_error([{"path": "a.csv", "text_colum": "body"}])
+    assert "unknown key 'text_colum' (did you mean 'text_column'?)" in msg
+    msg = config_error([{"name": "sheet", "path": "/data/reviews.xlsx"}])
+    assert "unknown extension '.xlsx'" in msg and ".csv, .tsv, .jsonl, .parquet" in msg and "format:" in msg
+    assert "type: Input should be 'classification' or 'regression'" in config_error(
+        [{"path": "a.csv", "type": "regresion"}])
+    assert "path is required" in config_error([{"name": "x"}])
+    assert "taken by a built-in task" in config_error([{"name": "movie-sentences", "path": "a.csv"}])
+
+
+def test_file_task_errors_name_the_problem_and_the_fix(tmp_path: Path) -> None:
+    cfg, cache = DownstreamConfig(), tmp_path / "cache"
+
+    def error(kind: type[Exception], spec: dict) -> str:
+        with pytest.raises(kind) as err:
+            load_task(spec, cfg, cache)
+        return str(err.value)
+
+    msg = error(ConfigError, {"name": "gone", "path": str(tmp_path / "gone.csv")})
+    assert "gone.csv" in msg and "does not exist" in msg and "fix path:" in msg
+    assert "unknown extension '.txt'" in error(ConfigError, {"path": str(tmp_path / "notes.txt")})
+
+    good = write_csv(tmp_path / "good.csv", ["review", "sentiment"], [[sentence(i), i % 2] for i in range(40)])
+    msg = error(ConfigError, {"path": str(good), "text_column": "text", "label_column": "sentiment"})
+    assert "no column 'text' (text_column)" in msg and "The file's columns are: review, sentiment" in msg
+    msg = error(ConfigError, {"path": str(good), "text_column": "review", "label_column": "sentimnet"})
+    assert "did you mean 'sentiment'?" in msg and "Fix label_column" in msg
+
+    one = write_csv(tmp_path / "one.csv", ["text", "label"], [[sentence(i), "pos"] for i in range(20)])
+    msg = error(StageError, {"path": str(one)})
+    assert "single class ('pos' in all 20 rows)" in msg and "at least two classes" in msg
+
+    halves = write_csv(tmp_path / "halves.csv", ["text", "label"], [[sentence(i), i / 2] for i in range(20)])
+    msg = error(StageError, {"path": str(halves)})  # 0.5 is not a class
+    assert "row 2 has the label 0.5, not a class" in msg and "type: regression" in msg
+
+    scores = write_csv(tmp_path / "scores.csv", ["text", "label"],
+                       [[sentence(0), "0.5"], [sentence(1), "1.5"], [sentence(2), "high"], [sentence(3), "2"]])
+    msg = error(StageError, {"path": str(scores), "type": "regression"})
+    assert "needs numeric labels" in msg and "row 3 holds 'high'" in msg and "type: classification" in msg
+
+    split = write_csv(tmp_path / "split.csv", ["text", "label", "part"],
+                      [[sentence(i), i % 2, "train" if i % 3 else "dev"] for i in range(30)])
+    msg = error(StageError, {"path": str(split), "split_column": "part"})
+    assert "names the test split" in msg and "mark some rows 'test'" in msg and "drop split_column" in msg
+    odd = write_csv(tmp_path / "odd.csv", ["text", "label", "part"],
+                    [[sentence(i), i % 2, ["train", "test", "holdout"][i % 3]] for i in range(30)])
+    msg = error(StageError, {"path": str(odd), "split_column": "part"})
+    assert "row 3 holds 'holdout', not a split" in msg and "dev" in msg
+
+    tiny = write_csv(tmp_path / "tiny.csv", ["text", "label"], [[sentence(i), i % 2] for i in range(4)])
+    msg = error(StageError, {"path": str(tiny)})
+    assert "split is empty (4 rows" in msg and "_fraction" in msg and "split_column" in msg
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file at all")
+    msg = error(StageError, {"path": str(broken)})
+    assert "could not read it as parquet" in msg and "format:" in msg
