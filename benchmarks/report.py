@@ -7,7 +7,9 @@ transformers and datasets are installed) in DIR (default ./workdir/bench-<preset
 inputs did not change are reused unless --fresh; the evaluate stage is always re-measured. Prints each
 stage's time, then the report: per model parameters, MLM accuracy, NSP/SOP accuracy, CPU latency at
 batch 1 and its speed-up over the teacher (the baseline, measured in the same process with the same
-protocol), GPU throughput when there is a GPU, downstream test accuracy and its retention.
+protocol), GPU throughput when there is a GPU, and per task the test metric of the fine-tuned teacher and
+of each student task-distilled and on hard labels alone, the gain with its paired 95% interval, and the
+retention; with the machine's measured matmul speed.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from tasks import albert, cache, corpus, distilbert, evaluate, pairs, teacher, tokenizer  # noqa: E402
+from tasks import evaluate  # noqa: E402
 from tasks.config import load_config  # noqa: E402
+from tasks.pipeline import SPECS  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
 
-STAGES = (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE, distilbert.STAGE, albert.STAGE,
-          evaluate.STAGE)
+STAGES = tuple(SPECS.values())
 
 
 def _f(value, spec: str = ".3f") -> str:
@@ -68,28 +70,36 @@ def main() -> None:
           f"device={device}")
     print(f"stages: {', '.join(f'{n} {s:.1f}s' + (' (reused)' if c else '') for n, s, c in times)}; "
           f"total {total:.1f}s")
+    m = report["machine"]
+    print(f"machine: {m['cpu']}, fp32 matmul {m['matmul_gflops']:.0f} GFLOP/s on {m['matmul_threads']} threads")
     lat = proto["latency"]
     print(f"latency: batch 1, {lat['sentences']} sentences/pass, median of {lat['repeats']} passes, "
-          f"{lat['threads']} thread(s), {lat['cpu']}")
+          f"{lat['threads']} thread(s)")
     d = proto["downstream"]
-    print(f"downstream: {', '.join(d['tasks'])}, {d['epochs']:g} epoch(s), lr {d['learning_rate']:g}, "
+    print(f"downstream: {', '.join(d['tasks'])}, epochs {d['epochs']}, learning rates {d['learning_rates']}, "
           f"seeds {d['seeds']}\n")
-    head = (f"{'model':<17}{'params':>9}{'ratio':>7}{'MLM acc':>9}{'NSP acc':>9}{'SOP acc':>9}{'CPU ms':>8}"
-            f"{'speed-up':>9}{'GPU seq/s':>11}{'GPU x':>7}{'downstr.':>9}{'retain':>8}{'finetune s':>11}")
-    print(head)
-    print("-" * len(head))
-    for e in report["models"]:
-        sp, ret = e["speedup"], e["retention"]
-        ft = sum(r["seconds"] for res in e["downstream"].values() for r in res["runs"])
-        print(f"{e['name']:<17}{e['parameters'] / 1e6:>8.2f}M{e['parameter_ratio']:>7.2f}{e['mlm_accuracy']:>9.4f}"
-              f"{_f(e['nsp_accuracy']):>9}{_f(e['sop_accuracy']):>9}{e['cpu_latency_ms']:>8.2f}"
-              f"{sp['cpu_latency']:>8.2f}x{_f(e['gpu_throughput_sequences_per_s'], ',.0f'):>11}"
-              f"{_f(sp['gpu_throughput'], '.2f'):>7}{e['downstream_accuracy']:>9.4f}"
-              f"{ret['downstream_accuracy']:>8.3f}{ft:>11.1f}")
-    b = report["baselines"]
-    majority = ", ".join(f"{t}: {i['test_majority_accuracy']:.3f}" for t, i in d["data"].items())
-    print(f"\nmajority-class accuracy: NSP {b['nsp_majority_accuracy']:.3f}, SOP {b['sop_majority_accuracy']:.3f}; "
-          f"downstream test {majority}")
+    for task in d["tasks"]:
+        head = (f"{'model':<17}{'params':>9}{'ratio':>7}{'CPU ms':>8}{'speed-up':>9}{'GPU x':>7}"
+                f"{'distilled':>11}{'hard':>8}{'gain':>8}{'gain 95% CI':>18}{'retain':>8}")
+        print(f"{task} (test {d['data'][task]['metric']}):")
+        print(head)
+        print("-" * len(head))
+        for e in report["models"]:
+            res = e["downstream"][task]
+            sp, ret, modes = e["speedup"], e["retention"], res["modes"]
+            metric = res["metric"]
+
+            def score(mode, metric=metric):
+                return "-" if mode is None else ("collapsed" if mode["collapsed"] else f"{mode['test'][metric]:.4f}")
+
+            first = modes.get("distilled") or modes.get("finetuned")
+            gain = res["gain"]
+            ci = f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]" if gain else "-"
+            print(f"{e['name']:<17}{e['parameters'] / 1e6:>8.2f}M{e['parameter_ratio']:>7.2f}{e['cpu_latency_ms']:>8.2f}"
+                  f"{sp['cpu_latency']:>8.2f}x{_f(sp['gpu_throughput'], '.2f'):>7}{score(first):>11}"
+                  f"{score(modes.get('hard')):>8}{_f(gain and gain['difference'], '+.3f'):>8}{ci:>18}"
+                  f"{_f(ret.get(f'downstream/{task}')):>8}")
+        print()
     print(f"report: {records['evaluate'].dir / 'report.md'}")
 
 

@@ -83,13 +83,14 @@ def run(
                                      tracking_uri=tracking_uri, preset=preset_name)
     except (ConfigError, StageError) as exc:
         _fail(str(exc), code=1)
-    typer.echo("\nstage      output")
+    typer.echo("\nstage         output")
     for stage, out in outputs.items():
         manifest = read_manifest(Path(out)) or {}
-        typer.echo(f"{stage:<10} {out}  ({manifest.get('timings', {}).get('seconds', 0):.1f}s)")
+        typer.echo(f"{stage:<13} {out}  ({manifest.get('timings', {}).get('seconds', 0):.1f}s)")
     if "evaluate" in outputs:
         report = Path(outputs["evaluate"]) / "report.md"
-        typer.echo(f"\n{report.read_text(encoding='utf-8').split(chr(10) + '## ')[0].rstrip()}\n\nreport: {report}")
+        tables = report.read_text(encoding="utf-8").split("\n## How it was measured")[0].rstrip()
+        typer.echo(f"\n{tables}\n\nreport (with how each figure was measured): {report}")
     uri = tracking_uri or default_tracking_uri(wd)
     typer.echo(f"\nMLflow: {uri}\n  browse with: lightbert ui --workdir {wd}")
 

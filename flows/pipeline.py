@@ -10,6 +10,7 @@ from prefect import flow
 from flows import tracking
 from flows.stages import SPECS, run_tracked_stage, stages_until
 from tasks.config import save_resolved_config, validate_config
+from tasks.pipeline import preflight
 from tasks.stage import StageRecord, workdir_lock
 
 
@@ -18,6 +19,7 @@ def lightbert_pipeline(config: dict[str, Any], workdir: str, until: str | None =
                        tracking_uri: str | None = None, preset: str = "custom") -> dict[str, str]:
     """Run (or reuse) every stage up to `until`; returns {stage: output directory}."""
     cfg = validate_config(config)
+    preflight(cfg, until)
     wd = Path(workdir).resolve()
     records: dict[str, StageRecord] = {}
     with workdir_lock(wd), tracking.pipeline_run(cfg, wd, preset, until, tracking_uri) as parent_run_id:

@@ -9,25 +9,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import tracking
-from tasks import albert, cache, corpus, distilbert, evaluate, pairs, teacher, tokenizer
 from tasks.config import PipelineConfig
-from tasks.stage import StageRecord, StageSpec, run_stage
-
-# Pipeline order.
-SPECS: dict[str, StageSpec] = {
-    spec.name: spec
-    for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE, distilbert.STAGE,
-                 albert.STAGE, evaluate.STAGE)
-}
-STAGES: tuple[str, ...] = tuple(SPECS)
-
-
-def stages_until(until: str | None) -> list[str]:
-    if until is None:
-        return list(STAGES)
-    if until not in SPECS:
-        raise ValueError(f"unknown stage {until!r} for --until; choose one of: {', '.join(STAGES)}")
-    return list(STAGES[: STAGES.index(until) + 1])
+from tasks.pipeline import SPECS, STAGES, stages_until  # noqa: F401  (the flow and the CLI import them here)
+from tasks.stage import StageRecord, run_stage
 
 
 def summary_line(record: StageRecord) -> str:
@@ -36,8 +20,8 @@ def summary_line(record: StageRecord) -> str:
                       for k, v in list(counts.items())[:4] if isinstance(v, int | float))
     seconds = record.manifest.get("timings", {}).get("seconds", 0.0)
     if record.cached:
-        return f"{record.name:<10} cached   (built earlier in {seconds:.1f}s) {shown}"
-    return f"{record.name:<10} built in {seconds:.1f}s ({record.reason}) {shown}"
+        return f"{record.name:<13} cached   (built earlier in {seconds:.1f}s) {shown}"
+    return f"{record.name:<13} built in {seconds:.1f}s ({record.reason}) {shown}"
 
 
 # Caching is the stage's own (tasks/stage.py): Prefect's result cache cannot tell whether the files

@@ -189,8 +189,22 @@ def _pip_requirements() -> list[str]:
         f"torch>={version('torch').split('+')[0]}"]
 
 
+def registry_view(path: Path, task: str | None):
+    """(model, pipeline task) a registry user loads: a task model as its classifier (text-classification);
+    a checkpoint with an MLM head as a masked LM (fill-mask; a pretraining checkpoint's NSP/SOP head is
+    dropped); a bare encoder (a headless teacher) as feature-extraction, never with a random head."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if task == "text-classification":
+        return AutoModelForSequenceClassification.from_pretrained(path), task
+    if task == "feature-extraction" or (AutoConfig.from_pretrained(path).architectures or []) in (
+            ["BertModel"], ["DistilBertModel"], ["AlbertModel"]):
+        return AutoModel.from_pretrained(path), "feature-extraction"
+    return AutoModelForMaskedLM.from_pretrained(path), "fill-mask"
+
+
 def register_models(record: StageRecord) -> list[tuple[str, str]]:
-    """Log each model a stage saved into MLflow's registry as a fill-mask transformers model.
+    """Log each model a stage saved into MLflow's registry as a transformers model (see registry_view).
 
     A version is created once per stage output: a reused stage whose output fingerprint is already
     registered under that name adds nothing. Returns [(name, version)].
@@ -205,15 +219,13 @@ def register_models(record: StageRecord) -> list[tuple[str, str]]:
         if existing:
             registered.append((name, existing[0].version))
             continue
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        model, task = registry_view(path, entry.get("task"))
+        from transformers import AutoTokenizer
 
-        # The masked-LM view of the checkpoint (a pretraining checkpoint's NSP/SOP head is dropped):
-        # what a fill-mask pipeline and a fine-tuning user load.
-        model = AutoModelForMaskedLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name=entry.get("artifact", name),
-            task="fill-mask", registered_model_name=name, pip_requirements=_pip_requirements(),
+            task=task, registered_model_name=name, pip_requirements=_pip_requirements(),
         )
         version = str(info.registered_model_version)
         for key, value in {"lightbert.output_fingerprint": record.fingerprint,
@@ -245,8 +257,9 @@ def log_ablations(record: StageRecord, stage_run_id: str) -> None:
 
 def record_evaluations(record: StageRecord) -> list[dict[str, Any]]:
     """The evaluate stage's scores onto the registry: each scored model's version (the one registered
-    for the stage output it came from) gets its metrics as tags, and alias `champion` moves to it when it
-    beats the current champion on downstream accuracy (flows/registry.py). Other stages: nothing."""
+    for the stage output it came from) gets its metrics and protocol as tags, and alias `champion` moves
+    to it when it beats the current champion on the validation metric under the same protocol
+    (flows/registry.py). Other stages: nothing."""
     from flows import registry
 
     entries = record.manifest.get("details", {}).get("registry") or []
@@ -260,7 +273,8 @@ def record_evaluations(record: StageRecord) -> list[dict[str, Any]]:
         if version is None:  # registered by its stage in every run; absent only if that failed
             mlflow.set_tag(f"lightbert.champion.{entry['name']}", "not registered: no version to tag")
             continue
-        outcome = registry.record_evaluation(client, entry["name"], version, entry["metrics"])
+        outcome = registry.record_evaluation(client, entry["name"], version, entry["metrics"],
+                                             protocol=entry.get("protocol"))
         mlflow.set_tag(f"lightbert.champion.{entry['name']}",
                        f"v{version} {'promoted' if outcome['promoted'] else 'not promoted'}: {outcome['reason']}"[:5000])
         outcomes.append(outcome)

@@ -85,3 +85,35 @@ def combine(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tenso
     """a_ce * ce_loss + a_mlm * mlm_loss + a_cos * cos_loss over the terms present."""
     coef = {"ce_loss": weights.ce, "mlm_loss": weights.mlm, "cos_loss": weights.cos}
     return sum(coef[name] * value for name, value in terms.items())  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------
+# task-specific distillation (tasks/task_distill.py): a fine-tuned teacher's logits teach a classifier
+# ------------------------------------------------------------------------------------------------
+def task_soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """T^2 * mean over examples of KL(softmax(teacher / T) || softmax(student / T)), (B, C) each: the
+    classic knowledge-distillation term (Hinton et al. 2015) over the task's C labels."""
+    p = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return soft_label_loss(student_logits, p, temperature)
+
+
+def task_distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                           alpha_ce: float, alpha_hard: float, temperature: float,
+                           regression: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """alpha_ce * soft term + alpha_hard * hard term, and each term. Classification: the soft term is
+    task_soft_label_loss, the hard term cross-entropy on the labels. Regression (one output): there is
+    no distribution to soften, so the soft term is the MSE to the teacher's prediction and the hard
+    term the MSE to the label. Without teacher logits only the hard term is computed (weight 1)."""
+    logits = student_logits.float()
+    if regression:
+        hard = F.mse_loss(logits.view(-1), labels.float().view(-1))
+    else:
+        hard = F.cross_entropy(logits, labels.long())
+    if teacher_logits is None:
+        return hard, {"hard_loss": hard.detach()}
+    if regression:
+        soft = F.mse_loss(logits.view(-1), teacher_logits.float().view(-1))
+    else:
+        soft = task_soft_label_loss(logits, teacher_logits, temperature)
+    return alpha_ce * soft + alpha_hard * hard, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}

@@ -101,3 +101,17 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_json_or_empty(path: Path) -> dict:
+    """A JSON file's content, or {} when it is missing or unreadable (a record being rebuilt)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def matches_record(path: Path, record: dict | None) -> bool:
+    """True when the file exists with the size and sha256 of its record ({"sha256", "size"})."""
+    return (record is not None and path.is_file() and path.stat().st_size == record.get("size")
+            and sha256_file(path) == record.get("sha256"))

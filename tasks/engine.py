@@ -422,3 +422,23 @@ def train(
         tokens_per_s=run_tokens / train_time if train_time else 0.0,
         resumed_from_step=resumed_from, final_losses=final_losses, eval_metrics=eval_metrics, runtime=rt,
     )
+
+
+def matmul_gflops(threads: int | None = None, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured fp32 matmul speed (size x size, on `threads` torch threads; None = torch's
+    current setting), in GFLOP/s: the figure every time a report or benchmark quotes is put beside,
+    because the same preset runs at very different speeds on machines that look alike."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+        a @ b  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 * repeats / seconds / 1e9

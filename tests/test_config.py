@@ -54,7 +54,7 @@ def test_wrong_type_names_key_and_value():
 
 
 def test_impossible_values_are_refused():
-    msg = _error("pairs.max_seq_len=1024", preset="cpu")
+    msg = _error("pairs.max_seq_len=1024")  # smoke: a teacher trained here, 128 positions
     assert "pairs.max_seq_len (1024)" in msg and "teacher.max_position_embeddings" in msg
     assert "pairs.mask_prob" in _error("pairs.mask_prob=1.5")
     assert "hidden_size" in _error("teacher.num_heads=3")

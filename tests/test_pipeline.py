@@ -82,8 +82,15 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
     for entry in report["models"]:  # the first evaluated version of each model becomes its champion
         champion = client.get_model_version_by_alias(entry["registered_name"], "champion")
         assert str(champion.version) == "1"
-        assert float(champion.tags["metric.downstream_accuracy"]) == entry["downstream_accuracy"]
+        assert champion.tags["lightbert.protocol"] == report["protocol"]["fingerprint"]
+        if entry["downstream_validation"] is not None:
+            assert float(champion.tags["metric.downstream_validation"]) == entry["downstream_validation"]
         assert float(champion.tags["metric.cpu_latency_ms"]) == entry["cpu_latency_ms"]
+    # the task models: the fine-tuned teacher and each task-distilled student, as text classifiers
+    for name in ("lightbert-teacher-movie-sentences", "lightbert-distilbert-movie-sentences"):
+        version = client.get_model_version_by_alias(name, "champion")
+        assert version.tags["lightbert.protocol"] == report["protocol"]["fingerprint"]
+        assert "metric.test_accuracy" in version.tags and "metric.validation_accuracy" in version.tags
 
     # Second run: nothing rebuilt, each stage run names the run that produced its output.
     mtimes = {s: (workdir / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
@@ -105,14 +112,18 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
     assert [third[s].data.tags["lightbert.cached"] for s in STAGES[:3]] == ["true", "true", "false"]
     assert all(third[s].data.tags["lightbert.cached"] == "false" for s in STAGES[3:])  # downstream of pairs
     assert "config changed (pairs.dupe_factor: 2 -> 3)" in third["pairs"].data.tags["lightbert.reason"]
-    # New versions of every model: each takes the champion alias only if it beats version 1 downstream.
+    # New versions of every model, under the same protocol: each takes the champion alias only if it
+    # beats version 1 on the validation metric (a collapsed model has none, and cannot).
     report3 = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report3["protocol"]["fingerprint"] == report["protocol"]["fingerprint"]
     for entry in report3["models"]:
         name = entry["registered_name"]
-        old = float(client.get_model_version(name, "1").tags["metric.downstream_accuracy"])
-        new = float(client.get_model_version(name, "2").tags["metric.downstream_accuracy"])
-        assert new == entry["downstream_accuracy"]
-        assert str(client.get_model_version_by_alias(name, "champion").version) == ("2" if new > old else "1")
+        tags = {v: client.get_model_version(name, v).tags for v in ("1", "2")}
+        old, new = (float(tags[v]["metric.downstream_validation"]) if "metric.downstream_validation" in tags[v]
+                    else None for v in ("1", "2"))
+        assert new == entry["downstream_validation"]
+        promoted = new is not None and (old is None or new > old)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == ("2" if promoted else "1")
 
 
 def _cli(*args: str) -> list[str]:
