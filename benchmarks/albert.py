@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from teacher_cache import synthetic_pairs  # noqa: E402
 
+from benchmarks.teacher_cache import print_machine  # noqa: E402
 from models.albert import (  # noqa: E402
     SHARING_MODES,
     albert_config,
@@ -95,9 +96,7 @@ def main() -> None:
     layers, ff = a.num_layers or t.num_layers, a.intermediate_size or t.intermediate_size
     print(f"preset={preset}: ALBERT E={a.embedding_size}, hidden {hidden}, {layers} layers, {heads} heads, FF {ff}, "
           f"vocab {vocab:,}; batch {batch} x up to {seq} tokens, {steps} timed steps; {device}, {rt.precision}")
-    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
-        print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
-              "lower the tokens/s figures")
+    print_machine(rt)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="lightbert-albert-bench-") as tmp:

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.teacher_cache import print_machine  # noqa: E402
 from tasks import corpus, pairs, tokenizer  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
@@ -50,6 +51,7 @@ def main() -> None:
             rows.append((spec.name, seconds, rec.manifest["counts"]))
 
     print(f"\npreset={preset} num_proc={cfg.run.resolved_num_proc()} cores={os.cpu_count()}")
+    print_machine()
     print(f"{'stage':<10} {'seconds':>8}  throughput")
     c = rows[0][2]
     p = rows[2][2]

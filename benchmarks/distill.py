@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from benchmarks.teacher_cache import PAD, run_cache_stage, synthetic_pairs, timed_training, warn_if_busy  # noqa: E402
+from benchmarks.teacher_cache import PAD, print_machine, run_cache_stage, synthetic_pairs, timed_training  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
 from tasks import distilbert, engine  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
           f"(max_seq_len {cfg.pairs.max_seq_len}); device {device}, {rt.precision}; batch {d.train.batch_size}, "
           f"{steps} timed steps per path; loss weights ce {d.alpha_ce} mlm {d.alpha_mlm} cos {d.alpha_cos}, "
           f"T {d.temperature}, cos_layers {d.cos_layers}")
-    warn_if_busy(rt)
+    print_machine(rt)
 
     with tempfile.TemporaryDirectory(prefix="lightbert-distill-bench-") as tmp:
         root = Path(tmp)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import BertForSequenceClassification, DistilBertForSequenceClassification  # noqa: E402
 
-from benchmarks.teacher_cache import timed_training, warn_if_busy  # noqa: E402
+from benchmarks.teacher_cache import print_machine, timed_training  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
 from tasks import engine, finetune  # noqa: E402
@@ -85,14 +85,12 @@ def main() -> None:
     student.distilbert.load_state_dict(student_mlm.distilbert.state_dict())
     rt = engine.setup_runtime("auto")
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"cpu x {torch.get_num_threads()}"
-    gflops = engine.matmul_gflops()
     dcfg, kd = cfg.evaluate.downstream, cfg.evaluate.downstream.distill
     print(f"preset={preset}: teacher {shape['num_layers']} x {shape['hidden_size']} "
           f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M), student {len(layer_map)} layers {layer_map} "
           f"({sum(p.numel() for p in student.parameters()) / 1e6:.1f} M), {n:,} synthetic sentences; device {device}, "
-          f"{rt.precision}; batch {dcfg.batch_size}, {steps} timed steps per path; fp32 matmul {gflops:.0f} GFLOP/s "
-          f"({torch.get_num_threads()} threads); loss {kd.alpha_ce} T^2 KL + {kd.alpha_hard} CE at T {kd.temperature}")
-    warn_if_busy(rt)
+          f"{rt.precision}; batch {dcfg.batch_size}, {steps} timed steps per path; loss {kd.alpha_ce} T^2 KL + {kd.alpha_hard} CE at T {kd.temperature}")
+    print_machine(rt)
 
     data = synthetic_task(n, shape["vocab"])
     teacher.eval().to(rt.device)

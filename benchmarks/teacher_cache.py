@@ -93,8 +93,12 @@ def train_tokens_per_s(model, loss_fn, ds, batch_size: int, steps: int, collate,
     return timed_training(model, loss_fn, ds, collate, cfg, rt)
 
 
-def warn_if_busy(rt) -> None:
-    if rt.device.type == "cpu" and os.getloadavg()[0] > 0.5:
+def print_machine(rt=None) -> None:
+    """The machine's measured fp32 matmul speed (every time a benchmark prints is relative to it: machines
+    that look alike differ by 2.5x), and a warning when other processes load the cores."""
+    print(f"  machine: fp32 matmul {engine.matmul_gflops():.0f} GFLOP/s (2048x2048, {torch.get_num_threads()} "
+          f"threads), {os.cpu_count()} cores")
+    if (rt is None or rt.device.type == "cpu") and os.getloadavg()[0] > 0.5:
         print(f"  note: load average {os.getloadavg()[0]:.1f} before starting; other processes on these cores "
               "lower the CPU figures a lot (threads oversubscribed)")
 
@@ -146,7 +150,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"preset={preset} teacher: {t.num_layers} layers, hidden {t.hidden_size}, vocab {vocab:,}, "
           f"{params / 1e6:.1f} M parameters; device {device}, {rt.precision}; data: {source}")
-    warn_if_busy(rt)
+    print_machine(rt)
 
     with tempfile.TemporaryDirectory(prefix="lightbert-cache-bench-") as tmp:
         root = Path(tmp)

@@ -30,7 +30,10 @@ report.json (schema 2)
   schema             2
   reference          "teacher": the model retention and speed-up are relative to
   machine            cpu, cores, torch threads, matmul_gflops (fp32 2048x2048, measured at the start)
-  pipeline_seconds   the seconds each stage took when it was built ({stage: seconds}) and their sum
+  teacher            where the teacher came from and what it can teach (the teacher stage's details)
+  general_distillation   per student stage, the losses it used and those it dropped (and why)
+  pipeline_seconds   the seconds each stage took when it was built ({stage: seconds}, evaluate's up to the
+                     report) and their sum: the pipeline's compute time, whichever run built each stage
   protocol           validation pairs, masked tokens, latency settings, GPU, embeddings (sentences,
                      pooling), downstream (tasks with their info, seeds, epochs, learning rates per family,
                      batch size, max_seq_len, evals per epoch, the distillation loss, the bootstrap), and
@@ -78,9 +81,9 @@ from models.bert import IGNORE_INDEX
 from models.distilbert import mlm_head
 from tasks import engine, scoring, task_distill, task_teacher
 from tasks.artifacts import atomic_write_json, atomic_write_text, sha256_json
-from tasks.config import MODEL_NAMES, REGISTERED_NAMES, PipelineConfig
+from tasks.config import ALL_STAGES, MODEL_NAMES, REGISTERED_NAMES, PipelineConfig
 from tasks.scoring import wilson_interval
-from tasks.stage import StageContext, StageError, StageReport, StageSpec
+from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest
 
 REPORT_SCHEMA = 2
 MODELS_DIR = "models"
@@ -466,6 +469,18 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Reference: the {REFERENCE}. Retention = model / {REFERENCE}; speed-up = {REFERENCE}'s CPU latency / "
         "the model's. Intervals are 95%.", "",
     ]
+    t = report.get("teacher") or {}
+    if t.get("source"):
+        prov = t.get("provenance") or {}
+        arch = t.get("architecture") or {}
+        shape = (f", {arch['layers']} layers x {arch['hidden_size']}, {arch['parameters'] / 1e6:.1f}M parameters"
+                 if arch else "")
+        origin = f" ({prov['requirement']}, {prov.get('license', 'license not stated')})" if prov.get("requirement") else ""
+        lines += [f"Teacher: {t['source']}{origin}{shape}. It can teach {t.get('can_teach_note') or '?'}.", ""]
+    for stage, losses in (report.get("general_distillation") or {}).items():
+        if losses.get("dropped"):
+            dropped = "; ".join(f"{k}: {v}" for k, v in losses["dropped"].items())
+            lines += [f"General distillation ({stage}): losses {losses.get('losses_used')}; dropped: {dropped}.", ""]
     for task in d["tasks"]:
         info = d["data"][task]
         metric = info["metric"]
@@ -488,8 +503,11 @@ def report_markdown(report: dict[str, Any]) -> str:
             else:
                 distilled, hard = _score(modes.get("distilled"), metric), _score(modes.get("hard"), metric)
             gain = res["gain"]
-            gain_s = (f"{gain['difference']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
-                      if gain else "–")
+            if gain and any(m["collapsed"] for m in modes.values()):
+                gain_s = "– (a mode collapsed)"
+            else:
+                gain_s = (f"{gain['difference']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
+                          if gain else "–")
             ratio = e.get("parameter_ratio")
             lines.append(
                 f"| {e['name']} | {e['parameters'] / 1e6:.2f}M ({_fmt(ratio, '.2f')}) | {e['disk_bytes'] / 2**20:.1f} MiB "
@@ -744,12 +762,22 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     for e in entries:
         ctx.log_metrics({f"{e['name']}_{k}": v for k, v in flat_metrics(e).items()})
     dcfg = cfg.section("evaluate")["downstream"]
-    stage_seconds = {name: float(r.manifest.get("timings", {}).get("seconds", 0.0)) for name, r in ctx.upstream.items()}
+    stage_seconds = {}
+    for name in ALL_STAGES[:-1]:  # every stage before this one, from its manifest beside the upstream ones
+        manifest = read_manifest(ctx.upstream_dir("pairs").parent / name) or {}
+        stage_seconds[name] = float(manifest.get("timings", {}).get("seconds", 0.0))
+    stage_seconds["evaluate"] = round(time.perf_counter() - t0, 3)
+    teacher_details = ctx.upstream["teacher"].manifest.get("details", {})
+    general = {stage: {k: ctx.upstream[stage].manifest.get("details", {}).get(k) for k in ("losses_used", "dropped")}
+               for stage in ("distilbert",) if stage in ctx.upstream}
     report = {
         "schema": REPORT_SCHEMA,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "reference": REFERENCE,
         "machine": machine,
+        "teacher": {k: teacher_details.get(k) for k in ("source", "provenance", "architecture", "mlm_head",
+                                                          "nsp_head_trained", "pooling", "can_teach", "can_teach_note")},
+        "general_distillation": general,
         "pipeline_seconds": {**stage_seconds, "total": sum(stage_seconds.values())},
         "protocol": {
             "validation_pairs": len(views["nsp"]),

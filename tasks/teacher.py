@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, BertModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from models.bert import (
     IGNORE_INDEX,
@@ -137,9 +138,16 @@ def load_pretrained_teacher(source: str) -> tuple[BertForPreTraining, dict[str, 
     BertForMaskedLM (its NSP head is then untrained) or bare BertModel (no heads at all) checkpoint;
     info says which heads came with it: {"mlm_head_loaded", "nsp_head_trained"}."""
     try:
-        model, info = BertForPreTraining.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-            attn_implementation="sdpa")
+        # transformers' load report would call a headless checkpoint "corrupted": the missing heads are
+        # read from `info` below and stated in the manifest instead.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = BertForPreTraining.from_pretrained(
+                source, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+                attn_implementation="sdpa")
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights of another shape
         raise StageError(
             f"could not load teacher.pretrained = {source!r}: {exc}. Point it at a folder (or hub id) "

@@ -344,7 +344,8 @@ def test_real_embedded_sources_from_the_registry(make_config, tmp_path: Path) ->
     invalid = [d for d in docs if d["invalid_utf8"]]
     assert len(invalid) == 1 and "\ufffd" in invalid[0]["text"]
 
-    cfg = make_config(f"run.cache_dir={cache}", "run.num_proc=2", preset="cpu")
+    cfg = make_config(f"run.cache_dir={cache}", "run.num_proc=2", "corpus.sources=[enwiki-sample, bbc-news]",
+                      preset="cpu")  # the whole of both sources (the preset reads slices)
     rec = run_stage(STAGE, cfg, tmp_path / "work", upstream={})
     counts, per_source = rec.manifest["counts"], rec.manifest["details"]["per_source"]
     assert counts["documents_with_invalid_utf8"] == 1 and per_source["bbc-news"]["documents_read"] == 2225

@@ -225,3 +225,45 @@ def test_task_distilled_student_beats_a_random_init_student(task_stages, tmp_pat
     scratch = finetune.fit(random_dir, student_data, info, settings(4.0), learning_rate=2e-3, seed=1, rt=rt)
     assert teacher.test["accuracy"] > 0.65, teacher.test  # the teacher learned the rule through the noise
     assert distilled.test["accuracy"] > scratch.test["accuracy"] + 0.05, (distilled.test, scratch.test)
+
+
+def test_a_local_labelled_file_runs_through_the_task_stages_into_the_report(task_stages, tmp_path):
+    """A csv the test writes (string labels, three classes, its own split column) as the downstream task:
+    the teacher is fine-tuned on it, cached, the students distilled, and the report scores it with the
+    classification metrics of tasks/scoring.py."""
+    import csv
+
+    from tasks import evaluate
+    from tasks.config import load_config
+
+    rng = np.random.default_rng(0)
+    cues = {"praise": "superb", "complaint": "awful", "question": "why"}
+    path = tmp_path / "tickets.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["message", "kind", "fold"])
+        for i in range(240):
+            kind = list(cues)[i % 3]
+            words = ["the", "order", "was", "late", "again", "today"]
+            words.insert(int(rng.integers(0, 6)), cues[kind])
+            writer.writerow([" ".join(words), kind, "test" if i % 6 == 0 else "dev" if i % 6 == 1 else "train"])
+    task = f"{{name: tickets, path: '{path}', text_column: message, label_column: kind, split_column: fold}}"
+    cfg, _ = load_config("smoke", overrides=[*TASK_OVERRIDES, f"evaluate.downstream.tasks=[{task}]",
+                                             "evaluate.downstream.learning_rates.bert=[2.0e-3]",
+                                             "evaluate.downstream.epochs=3", "evaluate.latency_sentences=4",
+                                             "evaluate.latency_repeats=1", "evaluate.plots=false"])
+    workdir = tmp_path / "wd"
+    records = {k: v for k, v in task_stages["records"].items()
+               if k in ("pairs", "teacher", "distilbert", "albert")}
+    for spec in (task_teacher.STAGE, task_cache.STAGE, task_distill.STAGE, evaluate.STAGE):
+        records[spec.name] = run_stage(spec, cfg, workdir, {u: records[u] for u in spec.upstream})
+    report = json.loads((records["evaluate"].dir / "report.json").read_text())
+    info = report["protocol"]["downstream"]["data"]["tickets"]
+    assert info["label_names"] == ["complaint", "praise", "question"] and info["counts"]["test"] == 40
+    teacher = report["models"][0]["downstream"]["tickets"]
+    assert teacher["metric"] == "accuracy" and set(teacher["modes"]["finetuned"]["test"]) == {"accuracy", "macro_f1"}
+    students = {e["name"]: e["downstream"]["tickets"] for e in report["models"][1:]}
+    assert set(students) == {"distilbert", "albert-scratch"}
+    for res in students.values():
+        assert set(res["modes"]) == {"distilled", "hard"} and res["gain"]["seeds"] == [1]
+    assert "## tickets: test accuracy" in (records["evaluate"].dir / "report.md").read_text()
