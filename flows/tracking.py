@@ -160,6 +160,12 @@ def log_stage(record: StageRecord, upstream: dict[str, StageRecord]) -> None:
         "lightbert.code_version": manifest.get("code_version", ""),
         "lightbert.produced_by_run": produced_by,
     })
+    provenance = manifest.get("details", {}).get("provenance") or {}
+    if provenance:  # where a pretrained model came from, searchable in the UI
+        mlflow.set_tags({f"lightbert.provenance.{k}": str(v)[:5000] for k, v in flatten(provenance).items()})
+        for key in ("mlm_head", "pooling", "can_teach_note"):
+            if manifest["details"].get(key) is not None:
+                mlflow.set_tag(f"lightbert.teacher.{key}", str(manifest["details"][key])[:5000])
     if record.cached:
         mlflow.set_tag("mlflow.note.content",
                        f"Reused from the cache: the output in {record.dir} was produced by run "

@@ -286,6 +286,10 @@ def _fit(model_dir: Path, data: DatasetDict, info: dict[str, Any], dcfg: Downstr
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(seed)  # the new classifier head
     model = load_classifier(model_dir, 1 if regression else info["num_labels"], dcfg.dropout)
+    names = info.get("label_names") or []
+    if not regression and len(names) == info["num_labels"]:  # a deployed classifier answers in the task's words
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
     with_types = takes_token_types(model)
     if with_types != ("token_type_ids" in data["train"].column_names):
         raise StageError(f"{model_dir}: the task was tokenised {'without' if with_types else 'with'} token types "

@@ -61,6 +61,8 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
         versions = client.search_model_versions(f"name='{name}'")
         assert len(versions) == 1 and versions[0].run_id == first[stage].info.run_id
         assert versions[0].tags["lightbert.output_fingerprint"] == stamps[stage]
+    assert first["teacher"].data.tags["lightbert.provenance.kind"] == "trained here"  # where the teacher came from
+    assert first["teacher"].data.tags["lightbert.teacher.mlm_head"] == "pretrained"
     outputs = [a.path for a in client.list_artifacts(first["tokenizer"].info.run_id, "outputs")]
     assert any(p.endswith("tokenizer.json") for p in outputs)
     # lineage: pairs consumed corpus and tokenizer outputs, and produced its own datasets

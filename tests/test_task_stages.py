@@ -163,6 +163,10 @@ def test_students_train_in_both_modes_with_the_same_budget(task_stages):
         assert "train_soft_loss" not in runs["hard"][0]["final_losses"]
         saved = out / "movie-sentences" / student / "distilled" / "model"
         assert _predictions(saved, data, info, with_types) == runs["distilled"][0]["test_predictions"]
+    from transformers import AutoConfig
+
+    saved = out / "movie-sentences" / "distilbert" / "distilled" / "model"
+    assert AutoConfig.from_pretrained(str(saved)).id2label == {0: "negative", 1: "positive"}  # the task's words
     names = {m["name"] for m in records["task_distill"].manifest["models"]}
     assert names == {"lightbert-distilbert-movie-sentences", "lightbert-albert-scratch-movie-sentences"}
 
