@@ -79,11 +79,11 @@ from transformers import AutoConfig, AutoTokenizer, BertForPreTraining, BertMode
 from models.albert import count_parameters, load_albert
 from models.bert import IGNORE_INDEX
 from models.distilbert import mlm_head
-from tasks import engine, scoring, task_distill, task_teacher
+from tasks import downstream, engine, scoring, task_distill, task_teacher
 from tasks.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from tasks.config import ALL_STAGES, MODEL_NAMES, REGISTERED_NAMES, PipelineConfig
 from tasks.scoring import wilson_interval
-from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest
+from tasks.stage import StageContext, StageError, StageReport, StageSpec, read_manifest, saved_models
 
 REPORT_SCHEMA = 2
 MODELS_DIR = "models"
@@ -616,19 +616,15 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
 def models_to_evaluate(cfg: PipelineConfig, ctx: StageContext) -> list[dict[str, Any]]:
     """[{name, registered_name, path, source_fingerprint, ...}] from the upstream stages' saved models."""
     found: dict[str, dict[str, Any]] = {}
-    for stage in ("teacher", "distilbert", "albert"):
-        record = ctx.upstream.get(stage)
-        if record is None:
-            continue
-        details = record.manifest.get("details", {})
-        for entry in record.manifest.get("models", []):
-            name = REPORT_NAMES.get(entry["name"])
-            if name is not None:
-                found[name] = {"name": name, "registered_name": entry["name"], "path": record.dir / entry["path"],
-                               "source_fingerprint": record.fingerprint,
-                               # a pretrained teacher loaded without an NSP head has a random one
-                               "pair_head_trained": details.get("nsp_head_trained", True)
-                               if stage == "teacher" else True}
+    saved = saved_models(ctx.upstream[s] for s in ("teacher", "distilbert", "albert") if s in ctx.upstream)
+    for registered, (record, path) in saved.items():
+        name = REPORT_NAMES.get(registered)
+        if name is not None:
+            found[name] = {"name": name, "registered_name": registered, "path": path,
+                           "source_fingerprint": record.fingerprint,
+                           # a pretrained teacher loaded without an NSP head has a random one
+                           "pair_head_trained": record.manifest.get("details", {}).get("nsp_head_trained", True)
+                           if record.name == "teacher" else True}
     wanted = cfg.evaluate.models
     if wanted is None:
         wanted = [n for n in MODEL_NAMES if n in found]
@@ -716,8 +712,6 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     tt_dir = ctx.upstream_dir("task_teacher")
     tasks = task_teacher.task_names(cfg)
     infos = {t: task_teacher.load_task_info(tt_dir, t)["info"] for t in tasks}
-    from tasks import downstream
-
     first = downstream.load_task(ecfg.downstream.tasks[0], ecfg.downstream, cfg.run.resolved_cache_dir())[0]
     texts = list(first["validation"]["text"])
     sentences = texts[: ecfg.latency_sentences]

@@ -53,6 +53,7 @@ MAX_GRAD_NORM = 1.0
 EVAL_BATCH_SIZE = 128
 SPLITS = ("train", "validation", "test")
 ROW = "row"  # the example's index in its split (aligns the teacher's outputs with the batch)
+TARGET_COLUMNS = ("labels", "teacher_logits", "teacher_hidden")  # what a batch holds besides model inputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +123,11 @@ def tokenize(data: Dataset, tok, max_len: int, with_types: bool) -> Dataset:
                         remove_columns=data.column_names, keep_in_memory=True)
 
 
-def tokenize_task(data: DatasetDict, model_dir: Path, max_seq_len: int, with_types: bool) -> DatasetDict:
+def tokenize_task(data: DatasetDict, model_dir: Path, max_seq_len: int, with_types: bool | None = None) -> DatasetDict:
+    """Every split tokenised for the checkpoint in model_dir; token types unless it is a DistilBERT (which
+    takes none), or as `with_types` says."""
+    if with_types is None:
+        with_types = model_family(model_dir) != "distilbert"
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     max_len = min(max_seq_len, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
     return DatasetDict({s: tokenize(data[s], tok, max_len, with_types) for s in SPLITS})
@@ -179,7 +184,7 @@ def make_loss_fn(regression: bool, kd: TaskDistillConfig | None):
     """The engine's loss_fn: hard labels alone (kd None), or the task-distillation loss of models/losses.py."""
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher_logits", "teacher_hidden")}
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_COLUMNS}
         want_hidden = kd is not None and kd.alpha_hidden > 0 and "teacher_hidden" in batch
         out = model(**inputs, output_hidden_states=want_hidden)
         teacher_logits = batch.get("teacher_logits") if kd is not None else None
@@ -195,25 +200,30 @@ def make_loss_fn(regression: bool, kd: TaskDistillConfig | None):
     return loss_fn
 
 
+def eval_batches(model: nn.Module, data: Dataset, collate: TaskCollator, rt: engine.Runtime,
+                 batch_size: int = EVAL_BATCH_SIZE) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(rows, model inputs on the device) of a tokenised split in length-sorted batches, the model in eval
+    mode under no_grad (its mode restored after)."""
+    order = np.argsort(np.asarray(data["length"]), kind="stable")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield idx, {k: v.to(rt.device) for k, v in collate(data[idx]).items() if k not in TARGET_COLUMNS}
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Dataset, collate: TaskCollator, rt: engine.Runtime,
                    batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
-    """(n, C) float32 logits of a tokenised split, in row order (batches sorted by length)."""
-    n = len(data)
-    out = np.zeros((n, model.config.num_labels), dtype=np.float32)
-    if n == 0:
-        return out
-    was_training = model.training
-    model.eval()
-    order = np.argsort(np.asarray(data["length"]), kind="stable")
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        batch = {k: v.to(rt.device) for k, v in collate(data[idx]).items()
-                 if k not in ("labels", "teacher_logits", "teacher_hidden")}
+    """(n, C) float32 logits of a tokenised split, in row order."""
+    out = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    for idx, batch in eval_batches(model, data, collate, rt, batch_size):
         with rt.autocast():
-            logits = model(**batch).logits
-        out[idx] = logits.float().cpu().numpy()
-    model.train(was_training)
+            out[idx] = model(**batch).logits.float().cpu().numpy()
     return out
 
 
@@ -358,6 +368,7 @@ def sweep(model_dir: Path, data: DatasetDict, info: dict[str, Any], dcfg: Downst
     return best, table
 
 
+@torch.no_grad()
 def hidden_states_of(model: nn.Module, data: Dataset, collate: TaskCollator, rt: engine.Runtime,
                      batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The last hidden states of every example's real tokens, (tokens, H) float16 in row order, and the
@@ -365,17 +376,9 @@ def hidden_states_of(model: nn.Module, data: Dataset, collate: TaskCollator, rt:
     lengths = np.asarray(data["length"])
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out = np.zeros((int(offsets[-1]), model.config.hidden_size), dtype=np.float16)
-    order = np.argsort(lengths, kind="stable")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = {k: v.to(rt.device) for k, v in collate(data[idx]).items()
-                     if k not in ("labels", "teacher_logits", "teacher_hidden")}
-            with rt.autocast():
-                hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float().cpu().numpy()
-            for i, r in enumerate(idx):
-                out[offsets[r]:offsets[r + 1]] = hidden[i, :lengths[r]]
-    model.train(was_training)
+    for idx, batch in eval_batches(model, data, collate, rt, batch_size):
+        with rt.autocast():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float().cpu().numpy()
+        for i, r in enumerate(idx):
+            out[offsets[r]:offsets[r + 1]] = hidden[i, :lengths[r]]
     return out, offsets

@@ -125,6 +125,13 @@ class StageRecord:
         return self.manifest["output_fingerprint"]
 
 
+def saved_models(records: Iterable[StageRecord]) -> dict[str, tuple[StageRecord, Path]]:
+    """{registry name: (the stage record, the saved model's folder)} of every model these stages saved
+    (their manifests' "models" entries): how later stages find the models without knowing their layout."""
+    return {entry["name"]: (record, record.dir / entry["path"])
+            for record in records for entry in record.manifest.get("models", [])}
+
+
 # ------------------------------------------------------------------------------------------------
 # code version
 # ------------------------------------------------------------------------------------------------

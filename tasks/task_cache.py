@@ -48,23 +48,19 @@ def teacher_shard(model, data, collate: finetune.TaskCollator, rt: engine.Runtim
     return tensors
 
 
-def cache_task(ctx: StageContext, cfg: PipelineConfig, task: str, rt: engine.Runtime,
-               shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def cache_task(ctx: StageContext, cfg: PipelineConfig, task: str, data, rt: engine.Runtime,
+               shards: dict[str, dict[str, Any]], fingerprint: str) -> dict[str, Any]:
     """Compute (or keep) every shard of one task; `shards` gains their records. Returns the task's entry."""
     up = ctx.upstream_dir("task_teacher")
     info = task_teacher.load_task_info(up, task)["info"]
     mdir = task_teacher.model_dir(up, task)
     regression = info.get("task_type") == "regression"
-    data, info2 = None, None
-    for name, d, i in task_teacher.load_tasks(cfg):
-        if name == task:
-            data, info2 = d, i
-    if data is None or info2["fingerprint"] != info["fingerprint"]:
+    if fingerprint != info["fingerprint"]:
         raise StageError(f"task {task}: its data differs from the data the teacher was fine-tuned on; rerun "
                          "the task_teacher stage")
     with finetune.quiet():
         model = finetune.load_classifier(mdir, 1 if regression else info["num_labels"], 0.0).to(rt.device)
-    train = finetune.tokenize_task(data, mdir, cfg.evaluate.downstream.max_seq_len, with_types=True)["train"]
+    train = finetune.tokenize_task(data, mdir, cfg.evaluate.downstream.max_seq_len)["train"]
     collate = finetune.TaskCollator(finetune.input_columns(True), 0, regression)
     with_hidden = cfg.evaluate.downstream.distill.alpha_hidden > 0
     per_shard = cfg.evaluate.downstream.distill.cache_examples_per_shard
@@ -94,9 +90,9 @@ def build_task_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     kept = len(shards)
     tasks = {}
     with torch.inference_mode():
-        for task in task_teacher.task_names(cfg):
+        for task, data, info in task_teacher.load_tasks(cfg):
             print(f"task_cache: {task}: the teacher's outputs on the train split", flush=True)
-            tasks[task] = cache_task(ctx, cfg, task, rt, shards)
+            tasks[task] = cache_task(ctx, cfg, task, data, rt, shards, info["fingerprint"])
     atomic_write_json(ctx.out_dir / MANIFEST_FILE, {"format": FORMAT, "version": FORMAT_VERSION, "tasks": tasks,
                                                     "shard_files": shards})
     (ctx.out_dir / PROGRESS).unlink(missing_ok=True)

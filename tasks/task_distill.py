@@ -25,7 +25,7 @@ from typing import Any
 from tasks import engine, finetune, task_cache, task_teacher
 from tasks.artifacts import atomic_write_json
 from tasks.config import REGISTERED_NAMES, STUDENT_NAMES, PipelineConfig
-from tasks.stage import StageContext, StageError, StageReport, StageSpec
+from tasks.stage import StageContext, StageError, StageReport, StageSpec, saved_models
 
 MODEL_DIR = "model"
 FAMILY_OF = {"distilbert": "distilbert", "albert-scratch": "albert", "albert-distilled": "albert"}
@@ -33,15 +33,8 @@ FAMILY_OF = {"distilbert": "distilbert", "albert-scratch": "albert", "albert-dis
 
 def saved_students(ctx: StageContext) -> dict[str, Path]:
     """{student name: saved model folder} from the upstream pretraining stages' manifests."""
-    by_registry = {v: k for k, v in REGISTERED_NAMES.items()}
-    found = {}
-    for stage in ("distilbert", "albert"):
-        record = ctx.upstream.get(stage)
-        for entry in (record.manifest.get("models", []) if record else []):
-            name = by_registry.get(entry["name"])
-            if name in STUDENT_NAMES:
-                found[name] = record.dir / entry["path"]
-    return found
+    saved = saved_models(ctx.upstream[s] for s in ("distilbert", "albert") if s in ctx.upstream)
+    return {name: saved[REGISTERED_NAMES[name]][1] for name in STUDENT_NAMES if REGISTERED_NAMES[name] in saved}
 
 
 def students_to_train(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Path]:
@@ -91,7 +84,7 @@ def build_task_distill(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             student_kd, note = hidden_term_for(kd, sdir, targets)
             if note:
                 details.setdefault("hidden_term_skipped", {})[student] = note
-            tokenized = finetune.tokenize_task(data, sdir, dcfg.max_seq_len, with_types=family != "distilbert")
+            tokenized = finetune.tokenize_task(data, sdir, dcfg.max_seq_len)
             for mode in kd.modes:
                 for seed in dcfg.seeds:
                     path = run_path(tdir, student, mode, seed)

@@ -102,7 +102,7 @@ def finetune_teacher(ctx: StageContext, cfg: PipelineConfig, task: str, data, in
     regression = info.get("task_type") == "regression"
     atomic_write_json(tdir / TASK_FILE, {"info": info, "labels": {s: list(data[s]["label"])
                                                                    for s in ("validation", "test")}})
-    tokenized = finetune.tokenize_task(data, teacher_dir, dcfg.max_seq_len, with_types=True)
+    tokenized = finetune.tokenize_task(data, teacher_dir, dcfg.max_seq_len)
     seed = dcfg.seeds[0]
     candidates = []
     for lr in dcfg.learning_rates.bert:
