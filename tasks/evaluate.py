@@ -38,7 +38,8 @@ report.json (schema 2)
                      pooling), downstream (tasks with their info, seeds, epochs, learning rates per family,
                      batch size, max_seq_len, evals per epoch, the distillation loss, the bootstrap), and
                      the protocol fingerprint every registry version is tagged with
-  baselines          nsp_majority_accuracy, sop_majority_accuracy: always answering the commoner class
+  baselines          nsp_majority_accuracy, sop_majority_accuracy: always answering the commoner class;
+                     mlm_commonest_token_accuracy: always answering the commonest masked token
   models[]           one entry per model, in pipeline order:
     name, registered_name, family, path, source_fingerprint
     parameters, parameters_with_heads, disk_bytes, parameter_ratio
@@ -538,7 +539,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         "- A model that answers one class for at least 95% of the test examples is shown as collapsed, not "
         "scored, and gets no retention.",
         f"- Masked LM: {p['validation_pairs']:,} validation pairs, {p['masked_tokens']:,} masked tokens (NSP view), "
-        "each model's own head (none: –). Parameters: embeddings + encoder, heads excluded, shared tensors once.",
+        "each model's own head (none: –); always answering the commonest masked token scores "
+        f"{b['mlm_commonest_token_accuracy']:.3f}, so a model near it has learned nothing from context. "
+        "Parameters: embeddings + encoder, heads excluded, shared tensors once.",
         f"- NSP / SOP: each model's own trained sentence-pair head; the majority class scores "
         f"{b['nsp_majority_accuracy']:.3f} (NSP) and {b['sop_majority_accuracy']:.3f} (SOP). Retention is "
         "(acc − majority) / (teacher − majority), left out while the teacher is at chance.",
@@ -751,7 +754,8 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         emb_path.unlink()
 
     baselines = {"nsp_majority_accuracy": score_view_baseline(views["nsp"]),
-                 "sop_majority_accuracy": score_view_baseline(views["sop"])}
+                 "sop_majority_accuracy": score_view_baseline(views["sop"]),
+                 "mlm_commonest_token_accuracy": commonest_token_share(views["nsp"])}
     add_relative(entries, baselines, len(views["nsp"]))
     for e in entries:
         ctx.log_metrics({f"{e['name']}_{k}": v for k, v in flat_metrics(e).items()})
@@ -851,6 +855,13 @@ def score_view_baseline(ds: Dataset) -> float:
     labels = np.asarray(ds["pair_label"])
     positive = float(labels.sum())
     return max(positive, len(labels) - positive) / max(len(labels), 1)
+
+
+def commonest_token_share(ds: Dataset) -> float:
+    """Accuracy of always answering the commonest masked token of these pairs (an upper bound of any
+    context-free guess fitted elsewhere): the floor MLM accuracy is read against."""
+    tokens = np.array([t for row in ds["labels"] for t in row if t != IGNORE_INDEX])
+    return float(np.bincount(tokens).max() / len(tokens)) if len(tokens) else 0.0
 
 
 def count_masked(ds: Dataset) -> int:

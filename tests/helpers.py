@@ -146,6 +146,7 @@ def check_report(report: dict, models: list[str], seeds: list[int]) -> None:
     assert protocol["latency"]["batch_size"] == 1 and protocol["latency"]["threads"] >= 1
     assert protocol["downstream"]["seeds"] == seeds and len(protocol["fingerprint"]) == 16
     teacher = report["models"][0]
+    assert 0 < report["baselines"]["mlm_commonest_token_accuracy"] < 1
     for e in report["models"]:
         assert REPORT_ENTRY_KEYS <= set(e), REPORT_ENTRY_KEYS - set(e)
         assert e["parameters"] > 0 and e["parameters_with_heads"] >= e["parameters"] and e["disk_bytes"] > 0
