@@ -44,8 +44,9 @@ from models.albert import (  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining, pretraining_loss  # noqa: E402
 from tasks import albert as albert_stage  # noqa: E402
 from tasks import engine  # noqa: E402
-from tasks.config import TrainingConfig, load_config  # noqa: E402
-from tasks.teacher import pretraining_collator  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+from tasks.section import TrainingConfig
+from tasks.teacher.build import pretraining_collator  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 1024, "steps": 10}, "gpu": {"examples": 32768, "steps": 40},
             "smoke": {"examples": 512, "steps": 10}}

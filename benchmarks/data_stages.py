@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.teacher_cache import print_machine  # noqa: E402
-from tasks import corpus, pairs, tokenizer  # noqa: E402
 from tasks.config import load_config  # noqa: E402
+from tasks.pipeline import SPECS, stages_until  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
 
 TARGET_S = 120.0
@@ -38,12 +38,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lightbert-bench-") as tmp:
         # Warm the download cache (the fetch is excluded from the figures).
         t = time.perf_counter()
-        run_stage(corpus.STAGE, cfg, Path(tmp) / "warm", {})
+        run_stage(SPECS["corpus"], cfg, Path(tmp) / "warm", {})
         print(f"fetch + first corpus build (warm-up, not counted): {time.perf_counter() - t:.1f}s")
 
         wd = args.workdir or Path(tmp) / "bench"
         records, rows = {}, []
-        for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE):
+        for spec in (SPECS[name] for name in stages_until("pairs")):
             t = time.perf_counter()
             rec = run_stage(spec, cfg, wd, {u: records[u] for u in spec.upstream}, force=True)
             seconds = time.perf_counter() - t

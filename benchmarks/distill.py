@@ -30,9 +30,10 @@ from datasets import Dataset  # noqa: E402
 from benchmarks.teacher_cache import PAD, print_machine, run_cache_stage, synthetic_pairs, timed_training  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
-from tasks import distilbert, engine  # noqa: E402
-from tasks.cache_format import CachedPairs  # noqa: E402
+from tasks import engine  # noqa: E402
+from tasks.cache.outputs import CachedPairs  # noqa: E402
 from tasks.config import load_config  # noqa: E402
+from tasks.distilbert import build as distilbert  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 1024, "steps": 15}, "gpu": {"examples": 32768, "steps": 60},
             "smoke": {"examples": 1024, "steps": 20}}

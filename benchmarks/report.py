@@ -29,7 +29,6 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from tasks import evaluate  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tasks.pipeline import SPECS  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
@@ -57,7 +56,7 @@ def main() -> None:
     t_all = time.perf_counter()
     for spec in STAGES:
         t = time.perf_counter()
-        rec = run_stage(spec, cfg, wd, {u: records[u] for u in spec.upstream}, force=spec is evaluate.STAGE)
+        rec = run_stage(spec, cfg, wd, {u: records[u] for u in spec.upstream}, force=spec is SPECS["evaluate"])
         records[spec.name] = rec
         times.append((spec.name, time.perf_counter() - t, rec.cached))
         print(f"{spec.name:<10} {'reused' if rec.cached else 'built'} in {times[-1][1]:.1f}s", flush=True)

@@ -8,7 +8,7 @@ do not change the cost, so they are random and nothing is downloaded) with a 2-l
 student is the preset's DistilBERT (half the teacher's layers, initialised from it). N synthetic
 sentences with movie-sentences' length profile (10-50 tokens). The cached path first runs the teacher
 once over the examples (its time is printed: it is paid once per task, not per student or epoch), then
-trains the student through tasks/finetune.py's loss on the cached logits; the online path trains the
+trains the student through tasks/downstream/finetune.py's loss on the cached logits; the online path trains the
 same student with the teacher's forward inside every step. Prints student training tokens/s of each
 and their ratio, beside the machine's measured fp32 matmul speed.
 """
@@ -33,8 +33,9 @@ from transformers import BertForSequenceClassification, DistilBertForSequenceCla
 from benchmarks.teacher_cache import print_machine, timed_training  # noqa: E402
 from models.bert import bert_config, build_bert_for_pretraining  # noqa: E402
 from models.distilbert import build_student, init_student_from_teacher, resolve_layer_map  # noqa: E402
-from tasks import engine, finetune  # noqa: E402
+from tasks import engine  # noqa: E402
 from tasks.config import load_config  # noqa: E402
+from tasks.downstream import finetune  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 1024, "steps": 20}, "gpu": {"examples": 16384, "steps": 100},
             "smoke": {"examples": 512, "steps": 20}}

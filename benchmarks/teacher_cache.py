@@ -41,8 +41,10 @@ from models.bert import (  # noqa: E402
     full_position_loss,
     pretraining_loss,
 )
-from tasks import cache, engine  # noqa: E402
-from tasks.config import TrainingConfig, load_config  # noqa: E402
+from tasks import engine  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+from tasks.pipeline import SPECS  # noqa: E402
+from tasks.section import TrainingConfig
 from tasks.stage import StageRecord, run_stage  # noqa: E402
 
 DEFAULTS = {"cpu": {"examples": 2048, "steps": 20}, "gpu": {"examples": 65536, "steps": 60},
@@ -110,7 +112,7 @@ def run_cache_stage(teacher, pairs_train, cfg, root: Path):
     upstream = {name: StageRecord(name, root / name, {"output_fingerprint": name}, False, "benchmark")
                 for name in ("teacher", "pairs")}
     t0 = time.perf_counter()
-    rec = run_stage(cache.STAGE, cfg, root / "work", upstream)
+    rec = run_stage(SPECS["cache"], cfg, root / "work", upstream)
     return rec, time.perf_counter() - t0
 
 

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from tasks.config import ALL_STAGES, PRESETS, ConfigError, dump_config, load_config
+from tasks.config import PRESETS, ConfigError, dump_config, load_config
+from tasks.pipeline import STAGES, TRAINING_STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress BERT into DistilBERT and ALBERT students: a Prefect + MLflow pipeline.")
@@ -22,7 +23,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override one key, e.g. --set pairs.max_seq_len=64 (repeatable).")]
 WorkdirOpt = Annotated[Path | None, typer.Option(help="Where stage outputs and mlflow.db live; "
                                                       "default ./workdir/<preset>.")]
-UntilOpt = Annotated[str | None, typer.Option(help="Last stage to run: " + ", ".join(ALL_STAGES))]
+UntilOpt = Annotated[str | None, typer.Option(help="Last stage to run: " + ", ".join(STAGES))]
 TrackingOpt = Annotated[str | None, typer.Option(
     envvar="MLFLOW_TRACKING_URI", show_envvar=True,
     help="MLflow tracking URI (a server: http://127.0.0.1:5000); default sqlite:///<workdir>/mlflow.db")]
@@ -31,6 +32,8 @@ TrackingOpt = Annotated[str | None, typer.Option(
 def _quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The stages' progress lines (logging, logger "tasks.*") go to the Prefect run's log and the console.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
 
@@ -51,11 +54,8 @@ def _resolve_run(config: Path | None, preset: str | None, overrides: list[str] |
         cfg, preset_name = load_config(preset, config, overrides or [])
     except ConfigError as exc:
         _fail(str(exc))
-    from flows.stages import STAGES
-
     if until is not None and until not in STAGES:
-        later = f" ('{until}' is not built yet)" if until in ALL_STAGES else ""
-        _fail(f"--until {until}: unknown stage{later}; choose one of: {', '.join(STAGES)}")
+        _fail(f"--until {until}: unknown stage; choose one of: {', '.join(STAGES)}")
     return cfg, preset_name, (workdir or _default_workdir(preset_name)).resolve()
 
 
@@ -129,6 +129,39 @@ def serve(
                "  the configuration is fixed now: restart `lightbert serve` after changing it. Ctrl-C stops "
                "serving and pauses the schedule.")
     serve_deployment(deployment)
+
+
+@app.command()
+def train(
+    stage: Annotated[str, typer.Argument(help="The training stage: " + ", ".join(TRAINING_STAGES))],
+    workdir: Annotated[Path, typer.Option(help="The workdir whose upstream stages are finished "
+                                               "(`lightbert run --until <the stage before>`).")],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Build one training stage without Prefect or MLflow; under torchrun, on every GPU (every rank runs it):
+
+        torchrun --nproc_per_node 8 -m flows.cli train distilbert --preset gpu --workdir W
+
+    The finished stage has the cache key `lightbert run` computes, so a later run on W reuses it."""
+    _quiet_defaults()
+    import logging
+
+    from tasks.stage import StageError
+    from tasks.train import train_stage
+
+    logging.basicConfig(format="%(message)s")  # no Prefect here: the stages' progress lines go to stderr
+    logging.getLogger("tasks").setLevel(logging.INFO)
+
+    try:
+        outcome = train_stage(stage, workdir, preset, config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    except StageError as exc:
+        _fail(str(exc), code=1)
+    if outcome is not None:
+        typer.echo(outcome)
 
 
 @app.command("config")

@@ -42,7 +42,7 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
     "ffn": ("ffn", "ffn_output", "full_layer_layer_norm"),
 }
-# The SOP view of the pairs schema (tasks/pairs.py): what ALBERT trains and is evaluated on.
+# The SOP view of the pairs schema (tasks/pairs/): what ALBERT trains and is evaluated on.
 SOP_INPUTS = ("sop_input_ids", "sop_token_type_ids", "sop_attention_mask", "sop_labels", "sentence_order_label")
 
 

@@ -1,7 +1,7 @@
 """DistilBERT's triple loss, L = a_ce * Lce + a_mlm * Lmlm + a_cos * Lcos (Sanh et al. 2019), in pure torch.
 
 Lce, the soft-label loss, on a shared support. The teacher's distribution at a position is known on a
-support S: its top-k tokens from the cache (tasks/cache_format.py), or the whole vocabulary when the
+support S: its top-k tokens from the cache (tasks/cache/outputs.py), or the whole vocabulary when the
 teacher runs in the same step. Teacher and student are both normalised over the SAME support at
 temperature T:
 
@@ -88,7 +88,7 @@ def combine(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------
-# task-specific distillation (tasks/task_distill.py): a fine-tuned teacher's logits teach a classifier
+# task-specific distillation (tasks/task_distill/): a fine-tuned teacher's logits teach a classifier
 # ------------------------------------------------------------------------------------------------
 def task_soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          temperature: float) -> torch.Tensor:

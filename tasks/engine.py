@@ -44,7 +44,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.artifacts import atomic_output_file
-from tasks.config import TrainingConfig
+from tasks.section import TrainingConfig
 
 CHECKPOINT = "last.pt"
 CHUNK_BATCHES = 64  # batches per length-sorting chunk: long enough to bucket, short enough to stay random
@@ -259,6 +259,196 @@ def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(next(iter(batch.values())).numel())
 
 
+@dataclass
+class _TrainState:
+    """Where training stands: what a checkpoint stores besides the weights, optimizer and RNGs."""
+
+    step: int = 0
+    position: tuple[int, int] = (0, 0)  # (epoch, micro-batch) of the data stream
+    tokens_seen: int = 0  # counted at each log step
+    resumed_from: int | None = None
+
+
+@dataclass(frozen=True)
+class _WindowTotals:
+    """One log window summed over all ranks."""
+
+    losses: dict[str, float]  # train_<term>: per-step mean over the window (and the ranks)
+    tokens: float  # non-padding tokens
+    seq_len: float  # padded tokens per row
+    seconds: float
+
+    def metrics(self, learning_rate: float, model: nn.Module, peak: float | None,
+                world_size: int) -> dict[str, float]:
+        metrics = dict(self.losses, learning_rate=learning_rate,
+                       tokens_per_s=self.tokens / max(self.seconds, 1e-9))
+        if peak is not None:
+            flops = model_flops_per_token(model, self.seq_len) * metrics["tokens_per_s"]
+            metrics["mfu"] = flops / (peak * world_size)
+        return metrics
+
+
+@dataclass
+class _LogWindow:
+    """What happened since the last log step: summed loss terms, token / row counts, seconds."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device: no sync per step
+    steps: int = 0
+    tokens: int = 0
+    padded: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    _started: float = 0.0
+
+    def start_step(self) -> None:
+        self._started = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def count(self, host_batch: dict[str, torch.Tensor], rows: int) -> None:
+        """Counted on the host: no device sync per micro-batch."""
+        self.tokens += _count_tokens(host_batch)
+        self.padded += next(iter(host_batch.values())).numel()
+        self.rows += rows
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def reduce(self, rt: Runtime) -> _WindowTotals:
+        """Sums over the ranks (waiting for the device), then ends this step's clock."""
+        counts = torch.tensor([self.tokens, self.padded, self.rows], dtype=torch.float64, device=rt.device)
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[n].to(rt.device) for n in names]) / self.steps
+        if rt.distributed:
+            dist.all_reduce(counts)
+            dist.all_reduce(values)
+            values /= rt.world_size
+        counts_l, values_l = counts.tolist(), values.tolist()  # waits for the device
+        self.end_step()
+        return _WindowTotals(losses={f"train_{n}": v for n, v in zip(names, values_l, strict=True)},
+                             tokens=counts_l[0], seq_len=counts_l[1] / max(counts_l[2], 1), seconds=self.seconds)
+
+
+def _accumulation_steps(cfg: TrainingConfig, rt: Runtime) -> int:
+    per_step = cfg.batch_size * rt.world_size
+    if cfg.effective_batch_size % per_step:
+        raise ValueError(f"effective_batch_size {cfg.effective_batch_size} is not a multiple of batch_size "
+                         f"x processes ({cfg.batch_size} x {rt.world_size})")
+    return cfg.effective_batch_size // per_step
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume(ckpt_path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            rt: Runtime, seed: int) -> _TrainState:
+    """Loads ckpt_path into model, optimizer, scheduler and the RNGs when it exists."""
+    if rt.distributed:
+        dist.barrier()  # rank 0 may still be preparing the directory the checkpoint lives in
+    if ckpt_path is None or not ckpt_path.is_file():
+        return _TrainState()
+    state = load_checkpoint(ckpt_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if rt.world_size == 1:
+        set_rng_state(state["rng"])
+    else:  # ranks drew different dropout masks; only rank 0's were saved, so reseed by step
+        torch.manual_seed(seed + rt.rank + 1_000_003 * state["step"])
+    return _TrainState(step=state["step"], position=tuple(state["position"]), tokens_seen=state["tokens_seen"],
+                       resumed_from=state["step"])
+
+
+def _wrap(model: nn.Module, loss_fn: LossFn, rt: Runtime) -> nn.Module:
+    wrapped: nn.Module = _LossModule(model, loss_fn)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return wrapped
+
+
+def _progress_bar(enabled: bool, rt: Runtime, cfg: TrainingConfig, step: int):
+    if not (enabled and rt.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, leave=False)
+
+
+def _next_micro_batches(stream: Iterator[tuple[tuple[int, int], np.ndarray]], accum: int, rt: Runtime,
+                        position: tuple[int, int]) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """One optimizer step's accum x world_size micro-batches of the shared stream: this rank takes every
+    world_size-th. Returns them and the stream position after them."""
+    mine = []
+    for k in range(accum * rt.world_size):
+        position, idx = next(stream)
+        if k % rt.world_size == rt.rank:
+            mine.append(idx)
+    return mine, position
+
+
+def _micro_steps(wrapped: nn.Module, train_data, collate, mine: list[np.ndarray], accum: int, rt: Runtime,
+                 window: _LogWindow) -> None:
+    """Forward and backward over this rank's micro-batches, accumulating the mean gradient; DDP
+    all-reduces only at the last."""
+    for j, idx in enumerate(mine):
+        host_batch = collate(train_data[idx])
+        window.count(host_batch, len(idx))
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in host_batch.items()}
+        no_sync = rt.distributed and j < len(mine) - 1
+        with wrapped.no_sync() if no_sync else contextlib.nullcontext():
+            with rt.autocast():
+                loss, terms = wrapped(batch)
+            (loss / accum).backward()
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            window.add(name, torch.as_tensor(value).detach().float() / accum)
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float | None,
+                    window: _LogWindow) -> None:
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        window.add("grad_norm", grad_norm.detach().float())
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module, Runtime], dict[str, float]] | None, rt: Runtime,
+              metrics_sink: MetricsSink | None, step: int) -> dict[str, float]:
+    """eval_fn under no_grad and autocast, on the main process; its metrics go to the sink."""
+    if eval_fn is None or not rt.is_main:
+        return {}
+    was_training = model.training
+    model.eval()
+    # fork_rng: evaluating must not change the random numbers training draws next (resume equality)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), \
+            torch.no_grad(), rt.autocast():
+        metrics = eval_fn(model, rt)
+    model.train(was_training)
+    if metrics_sink is not None:
+        metrics_sink(metrics, step)
+    return metrics
+
+
+def _save(ckpt_path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+          state: _TrainState, cfg: TrainingConfig, seed: int, rt: Runtime) -> None:
+    """The resumable checkpoint, written by the main process only."""
+    if ckpt_path is None or not rt.is_main:
+        return
+    save_checkpoint(ckpt_path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": state.step,
+        "position": list(state.position), "tokens_seen": state.tokens_seen,
+        "effective_batch_size": cfg.effective_batch_size, "seed": seed,
+    })
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -278,150 +468,103 @@ def train(
     optimizer steps; resumes from checkpoint_dir/last.pt when it exists. eval_fn(model, runtime) runs
     under no_grad and autocast every cfg.eval_every steps and at the end."""
     rt = runtime or setup_runtime(cfg.precision)
-    per_step = cfg.batch_size * rt.world_size
-    if cfg.effective_batch_size % per_step:
-        raise ValueError(f"effective_batch_size {cfg.effective_batch_size} is not a multiple of batch_size "
-                         f"x processes ({cfg.batch_size} x {rt.world_size})")
-    accum = cfg.effective_batch_size // per_step
+    accum = _accumulation_steps(cfg, rt)
     lengths = np.asarray(train_data[length_column])
 
-    random.seed(seed + rt.rank)
-    np.random.seed(seed + rt.rank)
-    torch.manual_seed(seed + rt.rank)
+    _seed_all(seed + rt.rank)
     model.to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    step, position, tokens_seen, resumed_from = 0, (0, 0), 0, None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if rt.distributed:
-        dist.barrier()  # rank 0 may still be preparing the directory the checkpoint lives in
-    if ckpt_path is not None and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if rt.world_size == 1:
-            set_rng_state(state["rng"])
-        else:  # ranks drew different dropout masks; only rank 0's were saved, so reseed by step
-            torch.manual_seed(seed + rt.rank + 1_000_003 * state["step"])
-        step, position, tokens_seen = state["step"], tuple(state["position"]), state["tokens_seen"]
-        resumed_from = step
-
-    wrapped: nn.Module = _LossModule(model, loss_fn)
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-    def checkpoint() -> None:
-        if ckpt_path is None or not rt.is_main:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-            "position": list(position), "tokens_seen": tokens_seen,
-            "effective_batch_size": cfg.effective_batch_size, "seed": seed,
-        })
-
-    def evaluate() -> dict[str, float]:
-        if eval_fn is None or not rt.is_main:
-            return {}
-        was_training = model.training
-        model.eval()
-        # fork_rng: evaluating must not change the random numbers training draws next (resume equality)
-        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), \
-                torch.no_grad(), rt.autocast():
-            metrics = eval_fn(model, rt)
-        model.train(was_training)
-        if metrics_sink is not None:
-            metrics_sink(metrics, step)
-        return metrics
+    state = _resume(ckpt_path, model, optimizer, scheduler, rt, seed)
+    wrapped = _wrap(model, loss_fn, rt)
 
     peak = gpu_peak_flops(rt.device)
-    stream = micro_batches(lengths, cfg.batch_size, seed, position)
-    window: dict[str, torch.Tensor] = {}
-    window_steps = window_tokens = window_padded = window_rows = 0
-    window_time, train_time, run_tokens, final_losses = 0.0, 0.0, 0, {}
-    bar = None
-    if progress and rt.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, leave=False)
+    stream = micro_batches(lengths, cfg.batch_size, seed, state.position)
+    window = _LogWindow()
+    train_time, run_tokens, final_losses = 0.0, 0, {}
+    bar = _progress_bar(progress, rt, cfg, state.step)
 
     model.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        mine = []
-        for k in range(accum * rt.world_size):
-            position, idx = next(stream)
-            if k % rt.world_size == rt.rank:
-                mine.append(idx)
-        for j, idx in enumerate(mine):
-            host_batch = collate(train_data[idx])
-            window_tokens += _count_tokens(host_batch)  # counted on the host: no device sync per micro-batch
-            window_padded += next(iter(host_batch.values())).numel()
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in host_batch.items()}
-            window_rows += len(idx)
-            no_sync = rt.distributed and j < len(mine) - 1
-            with wrapped.no_sync() if no_sync else contextlib.nullcontext():
-                with rt.autocast():
-                    loss, terms = wrapped(batch)
-                (loss / accum).backward()
-            for name, value in {"loss": loss.detach(), **terms}.items():
-                window[name] = window.get(name, 0.0) + torch.as_tensor(value).detach().float() / accum
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
+    while state.step < cfg.max_steps:
+        window.start_step()
+        mine, state.position = _next_micro_batches(stream, accum, rt, state.position)
+        _micro_steps(wrapped, train_data, collate, mine, accum, rt, window)
+        _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, window)
+        state.step += 1
+        window.steps += 1
         if bar is not None:
             bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            counts = torch.tensor([window_tokens, window_padded, window_rows], dtype=torch.float64,
-                                  device=rt.device)
-            names = sorted(window)
-            values = torch.stack([window[n].to(rt.device) for n in names]) / window_steps
-            if rt.distributed:
-                dist.all_reduce(counts)
-                dist.all_reduce(values)
-                values /= rt.world_size
-            counts_l, values_l = counts.tolist(), values.tolist()  # waits for the device
-            window_time += time.perf_counter() - t0
-            tokens_seen += int(counts_l[0])
-            run_tokens += int(counts_l[0])
-            final_losses = {f"train_{n}": v for n, v in zip(names, values_l, strict=True)}
-            metrics = dict(final_losses, learning_rate=scheduler.get_last_lr()[0],
-                           tokens_per_s=counts_l[0] / max(window_time, 1e-9))
-            if peak is not None:
-                seq_len = counts_l[1] / max(counts_l[2], 1)
-                flops = model_flops_per_token(model, seq_len) * metrics["tokens_per_s"]
-                metrics["mfu"] = flops / (peak * rt.world_size)
+        # log
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            totals = window.reduce(rt)
+            state.tokens_seen += int(totals.tokens)
+            run_tokens += int(totals.tokens)
+            train_time += totals.seconds
+            final_losses = totals.losses
+            metrics = totals.metrics(scheduler.get_last_lr()[0], model, peak, rt.world_size)
             if rt.is_main and metrics_sink is not None:
-                metrics_sink(metrics, step)
+                metrics_sink(metrics, state.step)
             if bar is not None:
                 bar.set_postfix(loss=f"{final_losses['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            train_time += window_time
-            window, window_steps, window_tokens, window_padded, window_rows, window_time = {}, 0, 0, 0, 0, 0.0
+            window = _LogWindow()
         else:
-            window_time += time.perf_counter() - t0
+            window.end_step()
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            evaluate()
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            checkpoint()
+        # evaluate and save
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+            _evaluate(model, eval_fn, rt, metrics_sink, state.step)
+        if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
+            _save(ckpt_path, model, optimizer, scheduler, state, cfg, seed, rt)
     if bar is not None:
         bar.close()
 
-    eval_metrics = evaluate()
+    eval_metrics = _evaluate(model, eval_fn, rt, metrics_sink, state.step)
     return TrainResult(
-        steps=step, tokens_seen=tokens_seen, train_seconds=train_time,
+        steps=state.step, tokens_seen=state.tokens_seen, train_seconds=train_time,
         tokens_per_s=run_tokens / train_time if train_time else 0.0,
-        resumed_from_step=resumed_from, final_losses=final_losses, eval_metrics=eval_metrics, runtime=rt,
+        resumed_from_step=state.resumed_from, final_losses=final_losses, eval_metrics=eval_metrics, runtime=rt,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the end of a training stage's run: what it reports, what it keeps, what it drops
+# ------------------------------------------------------------------------------------------------
+def rounded(metrics: Mapping[str, float], digits: int = 5) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in metrics.items()}
+
+
+def run_summary(result: TrainResult) -> dict[str, float]:
+    """What every training stage reports of a run: steps, tokens seen, training speed and time."""
+    return {"steps": result.steps, "tokens_seen": result.tokens_seen,
+            "train_tokens_per_s": round(result.tokens_per_s, 1), "train_seconds": round(result.train_seconds, 2)}
+
+
+def save_trained(model: nn.Module, model_dir: Path, tokenizer=None) -> None:
+    """The trained weights with save_pretrained (safetensors, on the CPU), beside their tokenizer: an
+    object with save_pretrained, or a folder whose files are copied (its manifest.json left out)."""
+    import shutil
+
+    model.cpu().save_pretrained(model_dir, safe_serialization=True)
+    if isinstance(tokenizer, str | Path):
+        for path in Path(tokenizer).iterdir():
+            if path.is_file() and path.name != "manifest.json":
+                shutil.copy2(path, Path(model_dir) / path.name)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+
+
+def finish_run(checkpoint_dir: Path, result_path: Path | None = None, result: Any = None) -> None:
+    """A run is finished: its result written (atomically) first, then its checkpoints dropped, as nothing
+    is left to resume. A kill between the two leaves the result and a checkpoint, never neither."""
+    import shutil
+
+    from tasks.artifacts import atomic_write_json
+
+    if result_path is not None:
+        atomic_write_json(result_path, result)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def matmul_gflops(threads: int | None = None, size: int = 2048, repeats: int = 5) -> float:

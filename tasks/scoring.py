@@ -21,6 +21,9 @@ Public API:
     predicted_class_share(predictions, num_labels) -> float; collapsed(predictions, num_labels, threshold=0.95)
     chance_corrected(accuracy, majority, teacher_accuracy, n=None) -> float | None
     wilson_interval(successes, n, confidence=0.95) -> (low, high)
+    score_pretraining(model, predict, ds, collate, batch_size, rt, pair_label=...) -> PretrainingTotals: masked
+        LM accuracy / loss / perplexity and pair-head (NSP, SOP) accuracy of any model over a held-out split;
+        most_frequent_label(ds) -> the commonest masked token (the input-blind baseline)
 
 Protocol of the intervals (so two reports are comparable):
 - bootstrap_ci: percentile bootstrap over examples (labels and predictions resampled together), through
@@ -46,7 +49,8 @@ Protocol of the intervals (so two reports are comparable):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -254,3 +258,144 @@ def chance_corrected(accuracy: float, majority: float, teacher_accuracy: float, 
         at_chance = teacher_accuracy - majority < CHANCE_MARGIN
     return None if at_chance else (accuracy - majority) / (teacher_accuracy - majority)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# masked LM and sentence-pair heads, over a held-out split (the teacher, the students, the report)
+# ------------------------------------------------------------------------------------------------
+# (mlm_logits (n, V), mlm_labels (n,), pair_logits (B, 2) or None) of a padded batch: every scorer below
+# takes the model's own `predict`, so one loop scores BERT, DistilBERT and ALBERT the same way.
+MaskedLMPredict = Callable[[dict[str, Any]], tuple[Any, Any, Any]]
+
+
+def masked_lm_predictor(model, family: str) -> MaskedLMPredict:
+    """A `predict` for score_pretraining: the masked LM head of a BERT, DistilBERT or ALBERT (`family`)
+    run only at the labelled positions, and the model's sentence-pair head (NSP, SOP; DistilBERT has none)."""
+    from models.bert import IGNORE_INDEX
+    from models.distilbert import mlm_head
+
+    def predict(batch: dict[str, Any]):
+        where = batch["labels"] != IGNORE_INDEX
+        if family == "distilbert":
+            hidden = model.distilbert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      return_dict=True).last_hidden_state
+            return mlm_head(model, hidden[where]), batch["labels"][where], None
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"], return_dict=True)
+        hidden = out.last_hidden_state[where]
+        if family == "bert":
+            return (model.cls.predictions(hidden), batch["labels"][where],
+                    model.cls.seq_relationship(out.pooler_output))
+        return model.predictions(hidden), batch["labels"][where], model.sop_classifier(out.pooler_output)
+
+    return predict
+
+
+@dataclass
+class PretrainingTotals:
+    """Sums over a split: masked tokens, correct ones and their summed cross-entropy; pairs, correct
+    pair-head answers and positive pair labels; masked tokens equal to a baseline token."""
+
+    masked: float = 0.0
+    correct: float = 0.0
+    ce: float = 0.0
+    pairs: float = 0.0
+    pair_correct: float = 0.0
+    positive: float = 0.0
+    baseline: float = 0.0
+    has_pair_head: bool = False
+
+    @property
+    def mlm_accuracy(self) -> float:
+        return self.correct / max(self.masked, 1.0)
+
+    @property
+    def mlm_loss(self) -> float:
+        return self.ce / max(self.masked, 1.0)
+
+    @property
+    def mlm_perplexity(self) -> float:
+        return float(np.exp(self.mlm_loss))
+
+    @property
+    def pair_accuracy(self) -> float:
+        return self.pair_correct / max(self.pairs, 1.0)
+
+    @property
+    def pair_interval(self) -> tuple[float, float]:
+        return wilson_interval(self.pair_correct, self.pairs)
+
+    @property
+    def majority_accuracy(self) -> float:
+        """What always answering the more frequent pair label scores: the chance level to beat (a small
+        validation split is rarely exactly half swapped)."""
+        return max(self.positive, self.pairs - self.positive) / max(self.pairs, 1.0)
+
+    @property
+    def baseline_accuracy(self) -> float:
+        return self.baseline / max(self.masked, 1.0)
+
+
+def score_pretraining(model, predict: MaskedLMPredict, ds, collate, batch_size: int, rt, *,
+                      pair_label: str | None, length_column: str = "length", with_mlm: bool = True,
+                      baseline_token: int | None = None) -> PretrainingTotals:
+    """Masked LM accuracy, loss and perplexity over every masked token of `ds` (with_mlm) and the pair
+    head's accuracy over every example (when `predict` gives pair logits; pair_label: the batch's column
+    of pair labels, None for a model without a pair head). Batches are length-bucketed
+    in a fixed order; the model is left in the mode it was in. With baseline_token: how often the masked
+    token is that token (the accuracy of a predictor that ignores its input)."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.bert import IGNORE_INDEX
+    from tasks import engine
+
+    totals = PretrainingTotals()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for idx in engine.length_bucketed_batches(np.asarray(ds[length_column]), batch_size, seed=0, epoch=0):
+            batch = {k: v.to(rt.device) for k, v in collate(ds[idx]).items()}
+            if not with_mlm:
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)  # no vocabulary projection
+            logits, labels, pair_logits = predict(batch)
+            if with_mlm:
+                totals.masked += labels.numel()
+                totals.correct += (logits.argmax(-1) == labels).sum().item()
+                totals.ce += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                if baseline_token is not None:
+                    totals.baseline += (labels == baseline_token).sum().item()
+            totals.pairs += len(idx)
+            if pair_label is not None:
+                totals.positive += batch[pair_label].sum().item()
+            if pair_logits is not None:
+                totals.has_pair_head = True
+                totals.pair_correct += (pair_logits.argmax(-1) == batch[pair_label]).sum().item()
+    model.train(was_training)
+    return totals
+
+
+def most_frequent_label(ds, column: str = "labels") -> int:
+    """The masked-LM label a predictor that ignores its input would always answer (fit on `ds`)."""
+    import pyarrow.compute as pc
+
+    from models.bert import IGNORE_INDEX
+
+    flat = pc.list_flatten(ds.data.table.column(column))
+    counts = pc.value_counts(flat.filter(pc.not_equal(flat, IGNORE_INDEX)))
+    if len(counts) == 0:
+        return -1
+    top = int(np.argmax(counts.field("counts").to_numpy()))
+    return int(counts.field("values")[top].as_py())
+
+
+def masked_lm_metrics(totals: PretrainingTotals, pair_task: str = "nsp", with_baseline: bool = False) -> dict[str, float]:
+    """The validation metrics the training stages log: val_mlm_accuracy / perplexity / loss, the pair
+    head's val_<pair_task>_accuracy when the model has one, and the commonest-token baseline."""
+    metrics = {"val_mlm_accuracy": totals.mlm_accuracy, "val_mlm_perplexity": totals.mlm_perplexity,
+               "val_mlm_loss": totals.mlm_loss}
+    if totals.has_pair_head:
+        metrics[f"val_{pair_task}_accuracy"] = totals.pair_accuracy
+    if with_baseline:
+        metrics["baseline_mlm_accuracy"] = totals.baseline_accuracy
+    return metrics

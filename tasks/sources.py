@@ -31,14 +31,17 @@ from datetime import UTC, datetime
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import yaml
 
 from tasks.artifacts import CHUNK, atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from tasks.config import ConfigError, SourceSpec
+from tasks.section import ConfigError
 from tasks.stage import StageError
 from tasks.text import decode_utf8
+
+if TYPE_CHECKING:
+    from tasks.corpus.config import SourceSpec
 
 # Longest suffix first: a folder of mixed files is read by extension when format is "auto".
 EXTENSION_FORMATS = {".xml.bz2": "wikixml", ".xml": "wikixml", ".txt": "txt", ".jsonl": "jsonl",

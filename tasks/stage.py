@@ -12,7 +12,6 @@ Nothing here knows about Prefect or MLflow: flows/ wraps `run_stage` in a task a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import inspect
 import json
@@ -26,10 +25,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.artifacts import atomic_write_json, hash_tree, replace_dir, sha256_json, verify_tree
-from tasks.config import ConfigError, PipelineConfig
+from tasks.section import ConfigError, Section, TrainingConfig
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -94,20 +96,52 @@ class StageContext:
 
 @dataclass(frozen=True)
 class StageSpec:
+    """Everything the pipeline knows about a stage, declared once in tasks/<stage>/__init__.py; the
+    ordered registry is tasks/pipeline.py, and every list of stages, sections and model names is derived
+    from it."""
+
     name: str
-    build: Callable[[PipelineConfig, StageContext], StageReport]
+    # The build function, or its "module:function" (imported when the stage runs: the registry's stages
+    # use this, so reading the registry, for the configuration or the CLI, imports no torch).
+    build: str | Callable[[PipelineConfig, StageContext], StageReport]
     upstream: tuple[str, ...] = ()
-    # The part of the configuration that decides the output; default: the section named like the stage.
+    # The stage's configuration section (a pydantic model), at the top level under the stage's name; None
+    # when another section configures it (the task stages: evaluate.downstream).
+    section: type[Section] | None = None
+    # The part of the configuration that decides the output; default: the stage's section.
     key_config: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    # Checks across sections, run when the configuration is validated (before any stage starts): each
+    # raises ValueError naming the keys and the fix.
+    checks: tuple[Callable[[PipelineConfig], None], ...] = ()
     # Helper modules whose code also decides the output (the build function's own module always does).
     code_modules: tuple[str, ...] = ()
     # True when the build function can continue from what an interrupted attempt left in out_dir.
     resumable: bool = False
+    # The models it saves and registers: {model name: registry name}. A name with {task} is one per task.
+    models: dict[str, str] = field(default_factory=dict)
+    # A training stage: the keys of its section that hold its TrainingConfig (e.g. ("train",)); it can run
+    # on several GPUs under torchrun (`lightbert train STAGE`).
+    training: tuple[str, ...] = ()
+
+    @property
+    def build_module(self) -> str:
+        return self.build.partition(":")[0] if isinstance(self.build, str) else self.build.__module__
+
+    def build_fn(self) -> Callable[[PipelineConfig, StageContext], StageReport]:
+        if not isinstance(self.build, str):
+            return self.build
+        module, _, function = self.build.partition(":")
+        return getattr(importlib.import_module(module), function)
 
     def config_for_key(self, cfg: PipelineConfig) -> dict[str, Any]:
         if self.key_config is not None:
             return self.key_config(cfg)
         return {self.name: cfg.section(self.name)}
+
+    def training_config(self, cfg: PipelineConfig) -> TrainingConfig:
+        """The TrainingConfig of a training stage (its first one when it has several)."""
+        node: Any = getattr(cfg, self.name)
+        return getattr(node, self.training[0])
 
 
 @dataclass
@@ -154,7 +188,7 @@ def code_version() -> str:
 
 
 def code_fingerprint(spec: StageSpec) -> str:
-    modules = [spec.build.__module__, *spec.code_modules]
+    modules = [spec.build_module, *spec.code_modules]
     sources = {}
     for name in sorted(set(modules)):
         module = sys.modules.get(name) or importlib.import_module(name)
@@ -271,7 +305,7 @@ def run_stage(
                        metrics_sink=metrics_sink)
     started_at, t0 = _now(), time.perf_counter()
     try:
-        report = spec.build(cfg, ctx)
+        report = spec.build_fn()(cfg, ctx)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
@@ -307,21 +341,24 @@ def run_stage(
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-    """One pipeline run per workdir at a time; a second one gets a clear error, not a corrupt dir."""
+    """One pipeline run per workdir at a time; a second one gets a clear error, not a corrupt dir. The
+    lock is filelock's (an OS lock on <workdir>/.lock, released when the process dies, even by kill -9);
+    the holder's pid is written beside it for the message."""
+    from filelock import FileLock, Timeout
+
     workdir.mkdir(parents=True, exist_ok=True)
-    lock_path = workdir / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(workdir / ".lock", timeout=0)
+    holder = workdir / ".lock.pid"
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise ConfigError(
-                f"another lightbert run (pid {holder}) is using {workdir}; wait for it to finish "
-                "or pass another --workdir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        lock.acquire()
+    except Timeout:
+        pid = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "?"
+        raise ConfigError(
+            f"another lightbert run (pid {pid or '?'}) is using {workdir}; wait for it to finish "
+            "or pass another --workdir"
+        ) from None
+    try:
+        holder.write_text(str(os.getpid()), encoding="utf-8")
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()

@@ -15,6 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tasks.config import PipelineConfig, load_config  # noqa: E402
+from tasks.pipeline import SPECS, stages_until  # noqa: E402
 
 
 @pytest.fixture
@@ -79,13 +80,12 @@ def text_corpus(tmp_path: Path) -> Path:
 def smoke_stages(tmp_path_factory) -> dict:
     """The smoke preset's stages through the teacher cache, on the embedded corpora, built once per
     test session (about half a minute on 2 cores; the corpora come from the package registry once)."""
-    from tasks import cache, corpus, pairs, teacher, tokenizer
     from tasks.stage import run_stage
 
     cfg, _ = load_config("smoke", overrides=["run.progress=false"])
     workdir = tmp_path_factory.mktemp("smoke-stages")
     records: dict = {}
-    for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE):
+    for spec in (SPECS[name] for name in stages_until("cache")):
         records[spec.name] = run_stage(spec, cfg, workdir, {u: records[u] for u in spec.upstream})
     return {"config": cfg, "workdir": workdir, "records": records}
 

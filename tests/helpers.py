@@ -123,7 +123,7 @@ def wait_until_healthy(url: str, proc, seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
-# Every key a report.json model entry carries (tasks/evaluate.py documents them).
+# Every key a report.json model entry carries (tasks/evaluate/ documents them).
 REPORT_ENTRY_KEYS = {
     "name", "registered_name", "family", "path", "source_fingerprint", "parameters", "parameters_with_heads",
     "disk_bytes", "mlm_accuracy", "mlm_perplexity", "mlm_loss", "pair_head", "nsp_accuracy", "nsp_accuracy_ci95",
@@ -134,7 +134,7 @@ REPORT_ENTRY_KEYS = {
 
 
 def check_report(report: dict, models: list[str], seeds: list[int]) -> None:
-    """report.json as tasks/evaluate.py documents it, with numbers that hang together."""
+    """report.json as tasks/evaluate/ documents it, with numbers that hang together."""
     import math
 
     import pytest

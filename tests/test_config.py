@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.config import PRESETS, ConfigError, load_config, save_resolved_config
+from tasks.config import PRESETS, ConfigError, PipelineConfig, load_config, save_resolved_config
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -73,3 +73,35 @@ def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
     path = save_resolved_config(cfg, tmp_path)
     again, _ = load_config("cpu", path)  # a saved config fully determines the run, whatever the preset
     assert again == cfg
+
+
+def test_the_default_configuration_is_valid_end_to_end():
+    """Every stage's checks across sections pass on the defaults (the default cache holds the SOP view the
+    default ALBERT-distilled reads)."""
+    from tasks.pipeline import SPECS
+
+    cfg = PipelineConfig()
+    for spec in SPECS.values():
+        for check in spec.checks:
+            check(cfg)
+    assert "sop" in cfg.cache.views and "distilled" in cfg.albert.variants
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["cache.views=[nsp]"], ["albert.variants", "cache.views", "--set cache.views=[nsp,sop]"]),
+    (["cache.splits=[validation]", "albert.variants=[scratch]"], ["distilbert.mode", "cache.splits"]),
+    (["distilbert.cos_layers=mapped", "distilbert.num_layers=2"], ["cache.hidden_layers: mapped", "distilbert.cos_layers"]),
+    (["evaluate.models=[teacher, albert-big]"], ["evaluate.models", "albert-big", "albert-distilled"]),
+    (["pairs.max_seq_len=256"], ["pairs.max_seq_len", "teacher.max_position_embeddings"]),
+])
+def test_a_contradiction_between_sections_fails_at_lightbert_config(overrides, named):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["config", "--preset", "smoke", *(a for o in overrides for a in ("--set", o))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for text in named:
+        assert text in result.output, (text, result.output)

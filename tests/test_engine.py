@@ -23,7 +23,7 @@ from models.bert import (
     pretraining_loss,
 )
 from tasks import engine
-from tasks.config import TrainingConfig
+from tasks.section import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from tasks import albert, scoring
+from tasks import scoring
+from tasks.albert import build as albert
 from tasks.scoring import (
     bootstrap_ci,
     bootstrap_ci_seeds,

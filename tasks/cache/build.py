@@ -1,0 +1,418 @@
+"""Cache stage: run the teacher once over every pairs example (every masked copy) and keep what the
+students learn from: top-k soft labels at the masked positions (or every real position) and the hidden
+states of the chosen teacher layers. Format and loader: tasks/cache/outputs.py. A teacher without an MLM
+head (teacher.mlm_head: none) gives hidden states only: the shards then hold no soft labels (k = 0) and
+the cache manifest says `has_soft_labels: false`.
+
+- Size first: the bytes are estimated from the pairs (lengths, masked counts) and the settings before
+  anything is computed; over cache.max_bytes the stage stops with the estimate, its parts and the
+  settings that would shrink it.
+- Inference: model.eval() under torch.inference_mode, bf16 autocast on a GPU (fp32 on a CPU), batches
+  of similar lengths up to cache.batch_tokens padded tokens. The MLM head runs only at the stored
+  positions (hidden states gathered first) and in float32 even under autocast: its output is the soft
+  labels, and at the masked positions it is a small share of the FLOPs.
+- Shards are independent: each is written atomically and its sha256 recorded in cache_progress.json
+  right after. A resumed attempt keeps every shard that matches its record and recomputes the rest; a
+  damaged finished output with the same key (ctx.salvage_dir) lends its intact shards the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForPreTraining, BertModel
+
+from models.distilbert import resolve_layer_map
+from tasks import engine
+from tasks.artifacts import atomic_write_json, matches_record, read_json_or_empty
+from tasks.cache.outputs import (
+    CACHE_MANIFEST,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    ExampleOutputs,
+    bytes_per_position,
+    bytes_per_token,
+    hidden_name,
+    pack_shard,
+    shard_overhead_bytes,
+    shard_relpath,
+    shard_stats,
+    write_shard,
+)
+from tasks.config import PipelineConfig
+from tasks.pairs import outputs as pairs_output
+from tasks.pairs.outputs import LENGTH_COLUMN, VIEW_COLUMNS
+from tasks.stage import StageContext, StageError, StageReport, read_manifest
+from tasks.teacher.outputs import load_saved
+
+PROGRESS = "cache_progress.json"
+HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    view: str
+    index: int
+    start: int  # first example (row of the pairs split)
+    stop: int
+
+    @property
+    def file(self) -> str:
+        return shard_relpath(self.split, self.view, self.index)
+
+
+@dataclass
+class PartSize:
+    """One split x view: what the estimate is made of."""
+
+    examples: int
+    tokens: int
+    positions: int
+    shards: int
+
+
+# ------------------------------------------------------------------------------------------------
+# planning and the byte budget
+# ------------------------------------------------------------------------------------------------
+def resolve_layers(setting: str | list[int], num_layers: int, cfg: PipelineConfig | None = None) -> list[int]:
+    """The teacher layers cache.hidden_layers names; 'mapped' = distilbert.layer_map's and the last (the
+    cache and the distilbert stage both resolve it here, so they agree)."""
+    if setting == "mapped":
+        if cfg is None:
+            raise ValueError("cache.hidden_layers=mapped is resolved from the configuration's distilbert section")
+        try:
+            mapped = resolve_layer_map(num_layers, cfg.distilbert.num_layers, cfg.distilbert.layer_map)
+        except ValueError as exc:
+            raise StageError(str(exc)) from exc
+        return sorted({*mapped, num_layers})
+    layers = [num_layers] if setting == "last" else list(setting)
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
+    if bad:
+        raise StageError(f"cache.hidden_layers {setting} names layer(s) {bad}, but the teacher has "
+                         f"{num_layers} layers (0 = embeddings ... {num_layers} = last)")
+    return layers
+
+
+def part_size(ds: Dataset, view: str, positions: str, examples_per_shard: int, soft_labels: bool = True) -> PartSize:
+    tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
+    if not soft_labels:
+        n_positions = 0
+    elif positions == "all":
+        n_positions = tokens
+    else:
+        labels = pc.list_flatten(ds.data.table.column(VIEW_COLUMNS[view][3]))
+        n_positions = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    return PartSize(len(ds), tokens, n_positions, math.ceil(len(ds) / examples_per_shard))
+
+
+def estimate_cache_bytes(parts: dict[str, PartSize], top_k: int, hidden_size: int, n_layers: int) -> dict[str, int]:
+    """Bytes the shards will take, by part (hidden states, soft labels, offsets and headers)."""
+    hidden = sum(p.tokens for p in parts.values()) * bytes_per_token(hidden_size, n_layers)
+    soft = sum(p.positions for p in parts.values()) * bytes_per_position(top_k)
+    index = sum(p.examples * 3 * 8 + p.shards * shard_overhead_bytes(n_layers) for p in parts.values())
+    return {"hidden_states": hidden, "soft_labels": soft, "index": index, "total": hidden + soft + index}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: dict[str, PartSize],
+                        hidden_size: int, layers: list[int]) -> str:
+    cc = cfg.cache
+    tokens = sum(p.tokens for p in parts.values())
+    positions = sum(p.positions for p in parts.values())
+    per_layer = tokens * bytes_per_token(hidden_size, 1)
+    lines = [
+        f"the teacher cache would take an estimated {_gb(estimate['total'])} ({estimate['total']:,} bytes), "
+        f"over the budget cache.max_bytes = {_gb(cc.max_bytes)} ({cc.max_bytes:,} bytes).",
+        f"  hidden states: {_gb(estimate['hidden_states'])} = {tokens:,} tokens x {len(layers)} layer(s) "
+        f"{layers} x {hidden_size} x 2 bytes (fp16)",
+        f"  soft labels:   {_gb(estimate['soft_labels'])} = {positions:,} positions ({cc.positions}) x "
+        f"{bytes_per_position(cc.top_k)} bytes (top_k {cc.top_k} ids + probabilities)",
+        f"  offsets and headers: {_gb(estimate['index'])}",
+        "  by split/view: " + ", ".join(f"{name} {p.examples:,} examples, {p.tokens:,} tokens"
+                                        for name, p in parts.items()),
+        "Settings that shrink it:",
+        f"  cache.hidden_layers: each cached layer costs {_gb(per_layer)}"
+        + (" (already one layer)" if len(layers) == 1 else f"; {len(layers)} are cached now"),
+        f"  cache.top_k: {cc.top_k} -> 16 makes the soft labels {_gb(positions * bytes_per_position(16))}",
+    ]
+    if cc.positions == "all":
+        lines.append("  cache.positions: masked keeps soft labels at the masked positions only (about 15%)")
+    else:
+        lines.append("  cache.positions: already masked (soft labels at the masked positions only)")
+    lines += [
+        f"  pairs.dupe_factor: the train split is {cfg.pairs.dupe_factor} masked copies of the corpus; "
+        "the size is about proportional to it",
+        f"  cache.splits {cc.splits} / cache.views {cc.views}: cache fewer of them",
+        f"  cache.max_bytes: raise it to at least {estimate['total']:,} if the disk has room",
+    ]
+    return "\n".join(lines)
+
+
+def plan_shards(split: str, view: str, n_examples: int, examples_per_shard: int) -> list[ShardPlan]:
+    return [ShardPlan(split, view, i, start, min(start + examples_per_shard, n_examples))
+            for i, start in enumerate(range(0, n_examples, examples_per_shard))]
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Index arrays of batches of similar length, each at most batch_tokens padded tokens (at least one
+    example). The engine's length_bucketed_batches has a fixed batch size and shuffles for training;
+    inference wants the largest batch that fits, longest first so that memory peaks at once."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        size = max(1, batch_tokens // max(int(lengths[order[i]]), 1))
+        batches.append(order[i:i + size])
+        i += size
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# keeping finished shards: an interrupted attempt's (resume) or a damaged output's (salvage)
+# ------------------------------------------------------------------------------------------------
+def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, dict[str, Any]]:
+    """{shard file: {sha256, size, kept_from}} of the planned shards that need no computing. Anything
+    else left in out_dir (a shard that fails its checksum, a half-written temporary file) is removed."""
+    wanted = {s.file for s in plan}
+    kept: dict[str, dict[str, Any]] = {}
+    if ctx.resuming:
+        recorded = {**read_json_or_empty(ctx.out_dir / CACHE_MANIFEST).get("shard_files", {}),
+                    **read_json_or_empty(ctx.out_dir / PROGRESS).get("shards", {})}
+        for rel in sorted(wanted & recorded.keys()):
+            if matches_record(ctx.out_dir / rel, recorded[rel]):
+                kept[rel] = {**recorded[rel], "kept_from": "interrupted attempt"}
+    for path in sorted(p for p in ctx.out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(ctx.out_dir).as_posix()
+        if rel not in kept and rel != PROGRESS:
+            path.unlink()
+    if ctx.salvage_dir is not None:
+        files = (read_manifest(ctx.salvage_dir) or {}).get("files", {})
+        for rel in sorted(wanted - kept.keys()):
+            src, dst = ctx.salvage_dir / rel, ctx.out_dir / rel
+            if matches_record(src, files.get(rel)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)  # the old output is replaced at the end; the link keeps the data
+                except OSError:
+                    shutil.copy2(src, dst)
+                kept[rel] = {"sha256": files[rel]["sha256"], "size": files[rel]["size"],
+                             "kept_from": "previous output"}
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------
+# the teacher forward
+# ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torch.Tensor], view: str,
+                    layers: list[int], top_k: int, positions: str, rt: engine.Runtime) -> list[ExampleOutputs]:
+    """The cached quantities of every example of a padded batch (in batch order); top_k = 0: hidden
+    states only (a teacher without an MLM head)."""
+    ids, types, attention, labels = (batch[c].to(rt.device) for c in VIEW_COLUMNS[view][:4])
+    backbone = model.bert if hasattr(model, "bert") else model
+    with rt.autocast():
+        out = backbone(input_ids=ids, attention_mask=attention, token_type_ids=types,
+                       output_hidden_states=True, return_dict=True)
+    real = attention.bool()
+    if top_k == 0:
+        where = torch.zeros_like(real)
+    else:
+        where = real & (labels != IGNORE_INDEX) if positions == "masked" else real
+    gathered = out.hidden_states[-1][where].float()
+    top_p, top_i = [], []
+    for c in range(0, len(gathered), HEAD_CHUNK):
+        logits = model.cls.predictions(gathered[c:c + HEAD_CHUNK]).float()
+        top = logits.softmax(-1).topk(top_k, dim=-1)
+        top_p.append(top.values)
+        top_i.append(top.indices)
+    probs = torch.cat(top_p) if top_p else gathered.new_zeros(0, top_k)
+    token_ids = torch.cat(top_i) if top_i else torch.zeros(0, top_k, dtype=torch.long, device=ids.device)
+    hidden = {}
+    for layer in layers:
+        h = out.hidden_states[layer][real].to(torch.float16)
+        if not torch.isfinite(h).all():
+            raise StageError(f"teacher layer {layer} has hidden values outside the float16 range; "
+                             "cache.precision=fp32 or other cache.hidden_layers may avoid it")
+        hidden[layer] = h.cpu().numpy()
+    pos_cuts = np.cumsum(where.sum(1).cpu().numpy())[:-1]
+    tok_cuts = np.cumsum(real.sum(1).cpu().numpy())[:-1]
+    pos = np.split(where.nonzero()[:, 1].to(torch.int32).cpu().numpy(), pos_cuts)
+    ids_np = np.split(token_ids.to(torch.int32).cpu().numpy(), pos_cuts)
+    probs_np = np.split(probs.cpu().numpy(), pos_cuts)
+    mass = np.split(probs.sum(-1).cpu().numpy(), pos_cuts)
+    hidden_np = {layer: np.split(h, tok_cuts) for layer, h in hidden.items()}
+    return [ExampleOutputs(pos[j], ids_np[j], probs_np[j], mass[j], {layer: hidden_np[layer][j] for layer in layers})
+            for j in range(len(pos))]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
+    t_start = time.perf_counter()
+    cc = cfg.cache
+    saved = load_saved(ctx.upstream_dir("teacher"))
+    tconf = saved.config
+    layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
+    soft = saved.has_mlm_head
+    top_k = cc.top_k if soft else 0  # no MLM head: no soft labels, hidden states only
+    if soft and cc.top_k > tconf.vocab_size:
+        raise StageError(f"cache.top_k = {cc.top_k} is more than the teacher's vocabulary ({tconf.vocab_size}); "
+                         f"at most {tconf.vocab_size} (which keeps the full distribution)")
+
+    pairs_dir = ctx.upstream_dir("pairs")
+    data = {split: pairs_output.load_split(pairs_dir, split, views=cc.views) for split in cc.splits}
+    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.examples_per_shard, soft)
+             for split in cc.splits for view in cc.views}
+    estimate = estimate_cache_bytes(parts, top_k, tconf.hidden_size, len(layers))
+    if estimate["total"] > cc.max_bytes:
+        raise StageError(over_budget_message(cfg, estimate, parts, tconf.hidden_size, layers))
+
+    plan = [s for split in cc.splits for view in cc.views
+            for s in plan_shards(split, view, len(data[split]), cc.examples_per_shard)]
+    finished = keep_finished_shards(ctx, plan)
+    atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
+    todo = [s for s in plan if s.file not in finished]
+    stats = {rel: shard_stats(ctx.out_dir / rel) for rel in finished}
+
+    compute_s, computed_tokens, rt = 0.0, 0, None
+    if todo:
+        rt = engine.setup_runtime(cc.precision)
+        model = saved.load_model().to(rt.device)
+        pad_id = tconf.pad_token_id if tconf.pad_token_id is not None else 0
+        multiple = 8 if rt.device.type == "cuda" else 1
+        collate = {v: engine.PadCollator(VIEW_COLUMNS[v][:4], {VIEW_COLUMNS[v][0]: pad_id,
+                                                              VIEW_COLUMNS[v][3]: IGNORE_INDEX}, multiple)
+                   for v in cc.views}
+        columns = {(s, v): data[s].select_columns(list(VIEW_COLUMNS[v][:4])) for s in cc.splits for v in cc.views}
+        lengths = {(s, v): np.asarray(data[s][LENGTH_COLUMN[v]], dtype=np.int64) for s in cc.splits for v in cc.views}
+        batches = {s.file: token_budget_batches(lengths[s.split, s.view][s.start:s.stop], cc.batch_tokens)
+                   for s in todo}
+        # (shard, rows of the split, last batch of the shard?) in shard order; a DataLoader fetches and
+        # pads the next batches in worker processes while the GPU computes (in-line on a CPU).
+        items = [(k, idx + s.start, b == len(batches[s.file]) - 1)
+                 for k, s in enumerate(todo) for b, idx in enumerate(batches[s.file])]
+
+        def fetch(item: tuple[int, np.ndarray, bool]) -> tuple[int, np.ndarray, bool, dict[str, torch.Tensor]]:
+            k, rows, last = item
+            shard = todo[k]
+            return k, rows, last, collate[shard.view](columns[shard.split, shard.view][rows.tolist()])
+
+        on_gpu = rt.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(items, batch_size=None, collate_fn=fetch, num_workers=2 if on_gpu else 0,
+                                             pin_memory=on_gpu)
+        slots: list[ExampleOutputs | None] = []
+        t0 = time.perf_counter()
+        for k, rows, last, batch in ctx.progress(loader, "teacher forward", total=len(items), unit="batch"):
+            shard = todo[k]
+            if not slots:
+                slots = [None] * (shard.stop - shard.start)
+            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, rt)
+            for j, o in zip((rows - shard.start).tolist(), outs, strict=True):
+                slots[j] = o
+            if not last:
+                continue
+            tensors = pack_shard(shard.start, slots, layers)
+            meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
+                    "top_k": str(top_k), "positions": cc.positions, "layers": ",".join(map(str, layers))}
+            finished[shard.file] = write_shard(ctx.out_dir / shard.file, tensors, meta)
+            atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
+            stats[shard.file] = {"examples": len(slots), "positions": len(tensors["positions"]),
+                                 "tokens": len(tensors[hidden_name(layers[0])]),
+                                 "mass_sum": float(tensors["topk_mass"].astype(np.float64).sum())}
+            computed_tokens += stats[shard.file]["tokens"]
+            compute_s = time.perf_counter() - t0
+            slots = []
+            done = len(stats)
+            ctx.log_metrics({"cache_shards_done": done, "cache_tokens_per_s": computed_tokens / max(compute_s, 1e-9)},
+                            done)
+
+    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate, top_k)
+    atomic_write_json(ctx.out_dir / CACHE_MANIFEST, manifest)
+    (ctx.out_dir / PROGRESS).unlink(missing_ok=True)  # cache_manifest.json now records every shard
+
+    totals = manifest["totals"]
+    reused = sum(1 for s in plan if "kept_from" in finished[s.file])
+    counts = {
+        "examples": totals["examples"], "tokens": totals["tokens"], "positions": totals["positions"],
+        "shards": len(plan), "shards_computed": len(plan) - reused, "shards_reused": reused,
+        "bytes": totals["bytes"], "estimated_bytes": estimate["total"],
+        "bytes_per_token": round(totals["bytes_per_token"], 2),
+        "tokens_per_s": round(computed_tokens / compute_s, 1) if compute_s else 0.0,
+        "mean_topk_mass": round(totals["mean_topk_mass"], 5),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return StageReport(
+        counts=counts,
+        inputs=[{"stage": name, "fingerprint": rec.fingerprint} for name, rec in ctx.upstream.items()],
+        artifacts=[CACHE_MANIFEST],
+        details={"layers": layers, "top_k": top_k, "positions": cc.positions, "has_soft_labels": soft,
+                 "soft_labels": f"top-{top_k} at the {cc.positions} positions" if soft
+                 else f"none: the teacher has no MLM head (teacher.mlm_head: {saved.mlm_head}); hidden states only",
+                 "estimate": estimate, "device": str(rt.device) if rt else None,
+                 "precision": rt.precision if rt else None,
+                 "kept_from": {rel: m["kept_from"] for rel, m in finished.items() if "kept_from" in m}},
+    )
+
+
+def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan], files: dict[str, dict],
+                   stats: dict[str, dict], layers: list[int], tconf: BertConfig,
+                   estimate: dict[str, int], top_k: int) -> dict[str, Any]:
+    cc = cfg.cache
+    splits: dict[str, dict[str, Any]] = {}
+    for s in plan:
+        entry = splits.setdefault(s.split, {}).setdefault(s.view, {"examples": 0, "tokens": 0, "positions": 0,
+                                                                   "shards": []})
+        st = stats[s.file]
+        for key in ("examples", "tokens", "positions"):
+            entry[key] += st[key]
+        entry["shards"].append({"file": s.file, "first_example": s.start, "examples": st["examples"],
+                                "tokens": st["tokens"], "positions": st["positions"],
+                                "bytes": files[s.file]["size"], "sha256": files[s.file]["sha256"]})
+    for split in cc.splits:  # a split with no examples still says so
+        for view in cc.views:
+            splits.setdefault(split, {}).setdefault(view, {"examples": 0, "tokens": 0, "positions": 0, "shards": []})
+    k, h = top_k, tconf.hidden_size
+    tensors = {"example_index": ["examples"], "pos_offsets": ["examples + 1"], "positions": ["positions"],
+               "topk_ids": ["positions", k], "topk_probs": ["positions", k], "topk_mass": ["positions"],
+               "tok_offsets": ["examples + 1"]}
+    tensors = {name: {"dtype": DTYPES[name], "shape": shape} for name, shape in tensors.items()}
+    tensors.update({hidden_name(layer): {"dtype": DTYPES["hidden"], "shape": ["tokens", h]} for layer in layers})
+    n_tokens = sum(st["tokens"] for st in stats.values())
+    n_positions = sum(st["positions"] for st in stats.values())
+    n_bytes = sum(files[s.file]["size"] for s in plan)
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "teacher": {"fingerprint": ctx.upstream["teacher"].fingerprint, "hidden_size": h,
+                    "num_layers": tconf.num_hidden_layers, "vocab_size": tconf.vocab_size},
+        "pairs": {"fingerprint": ctx.upstream["pairs"].fingerprint},
+        "top_k": k, "positions": cc.positions, "layers": layers, "views": cc.views,
+        "has_soft_labels": k > 0,
+        "soft_labels": "top-k ids and probabilities of the full-vocabulary softmax at temperature 1" if k
+        else "none: the teacher has no MLM head (hidden states only)",
+        "examples_per_shard": cc.examples_per_shard,
+        "tensors": tensors,
+        "splits": splits,
+        "shard_files": {s.file: {"sha256": files[s.file]["sha256"], "size": files[s.file]["size"]} for s in plan},
+        "totals": {"examples": sum(st["examples"] for st in stats.values()), "tokens": n_tokens,
+                   "positions": n_positions, "shards": len(plan), "bytes": n_bytes,
+                   "estimated_bytes": estimate["total"],
+                   "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
+                   "mean_topk_mass": sum(st["mass_sum"] for st in stats.values()) / n_positions if n_positions else 0.0},
+    }
+
+

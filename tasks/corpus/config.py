@@ -1,0 +1,98 @@
+"""The corpus stage's section: which sources, and how documents are cleaned, filtered and split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tasks.section import Section
+
+
+class SourceSpec(Section):
+    """One corpus source. Exactly one of name / path / url / hf is set.
+
+    A plain string in YAML is shorthand for {name: ...} (an embedded source of data/sources.yaml).
+    """
+
+    name: str | None = Field(None, description="embedded source, see data/sources.yaml")
+    path: str | None = Field(None, description="local file or folder (.txt, .jsonl, .parquet, .xml.bz2)")
+    url: str | None = Field(None, description="http(s) URL of a file in one of the local formats")
+    sha256: str | None = Field(None, description="expected sha256 of the downloaded file (url only)")
+    hf: str | None = Field(None, description="Hugging Face datasets id (needs a hub)")
+    hf_config: str | None = None
+    split: str = "train"
+    # None = the embedded source's own setting (data/sources.yaml), else the default named here. Unset
+    # stays distinguishable from set, also after a round trip through a saved config.
+    text_field: str | None = Field(None, description="field/column with the text (.jsonl, .parquet, hf); "
+                                   "default 'text'")
+    format: Literal["auto", "txt", "jsonl", "parquet", "wikixml"] | None = Field(
+        None, description="default auto: by each file's extension")
+    txt_documents: Literal["blank_line", "file", "line"] | None = Field(
+        None,
+        description="how a .txt file is cut into documents: at blank lines (the default, BERT's "
+        "convention), one document per file, or one per line",
+    )
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceSpec:
+        kinds = [k for k in ("name", "path", "url", "hf") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"a source needs exactly one of name, path, url or hf (got {kinds or 'none'}); "
+                "e.g. {name: enwiki-sample} or {path: /data/texts} or {url: https://...}"
+            )
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if self.sha256 is not None:
+            s = self.sha256.lower()
+            if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+                raise ValueError("sha256 must be 64 hexadecimal characters")
+            self.__dict__["sha256"] = s
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name used for per-source statistics."""
+        return self.name or self.hf or self.url or Path(self.path or "").name or str(self.path)
+
+
+class CorpusConfig(Section):
+    sources: list[SourceSpec] = Field(
+        default_factory=lambda: [SourceSpec(name="enwiki-sample"), SourceSpec(name="bbc-news")]
+    )
+    language: str = Field("en", description="ISO code for the sentence splitter (sentencex)")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    min_sentence_chars: int = Field(2, ge=1)
+    min_document_sentences: int = Field(2, ge=1, description="shorter documents are dropped")
+    max_documents: int | None = Field(None, ge=1, description="cap on documents kept, after dedupe")
+    dedupe: bool = True
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if not v:
+            raise ValueError("at least one source is needed, e.g. sources: [enwiki-sample]")
+        return v
+
+
+def corpus_key(cfg) -> dict[str, Any]:
+    """What decides the output: the corpus section, the local files (by stat, not content), and the
+    embedded sources' manifest entries (their checksums pin the fetched data)."""
+    from tasks.sources import embedded_sources, local_input_stats
+
+    sources = cfg.corpus.sources
+    return {
+        "corpus": cfg.section("corpus"),
+        "local_inputs": [local_input_stats(s, i) for i, s in enumerate(sources) if s.path],
+        "embedded": {s.name: embedded_sources().get(s.name) for s in sources if s.name},
+    }

@@ -1,0 +1,406 @@
+"""DistilBERT stage: a student with half the teacher's layers, initialised from the teacher along a layer
+mapping and trained with the triple loss (soft labels, masked LM, hidden-state cosine) by tasks/engine.py;
+optionally the DistilBERT paper's Table 4 ablations at the same step budget.
+
+Teacher signal: `cached` (default) reads the teacher's top-k soft labels and hidden states from the cache
+stage (CachedPairs); `online` runs the teacher in every step with its full distribution (the baseline the
+cached path must agree with where k covers the vocabulary; benchmarks/distill.py compares their speed).
+
+Output: `model/` (DistilBertForMaskedLM, save_pretrained safetensors, with the teacher's tokenizer),
+`training.json`, and with ablations on, `ablations/<row>/result.json`, `ablations.json`, `ablations.md`.
+Checkpoints live in `checkpoints/` (and `ablations/<row>/checkpoints/`) while training, so a killed stage
+resumes at its last checkpoint, and are dropped once a run is finished.
+
+Ablations: `lightbert run --until distilbert --set distilbert.ablations=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BertConfig, DistilBertForMaskedLM
+
+from models.bert import PRETRAINING_INPUTS
+from models.distilbert import (
+    build_student,
+    init_student_from_teacher,
+    mlm_head,
+    resolve_layer_map,
+    teacher_has_mlm_head,
+)
+from models.losses import LossWeights, cosine_loss, gather_support, mlm_loss, soft_label_loss
+from models.losses import combine as combine_terms
+from tasks import engine, scoring
+from tasks.artifacts import atomic_write_json, atomic_write_text
+from tasks.cache.outputs import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
+from tasks.config import PipelineConfig
+from tasks.distilbert import STAGE
+from tasks.pairs import outputs as pairs_output
+from tasks.stage import StageContext, StageError, StageReport
+from tasks.teacher.outputs import SavedTeacher, load_saved
+
+MODEL_DIR = "model"
+CHECKPOINTS = "checkpoints"
+ABLATIONS = "ablations"
+RESULT = "training.json"
+STUDENT_INPUTS = ("input_ids", "attention_mask", "labels")  # no token types: DistilBERT has none
+TEACHER_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels")  # the online teacher's view
+# Ablation rows as changes to the configured student (DistilBERT paper, Table 4), + a no-teacher baseline.
+ROWS: dict[str, dict[str, Any]] = {
+    "triple": {"init": "teacher"},
+    "no_cos": {"init": "teacher", "cos": 0.0},
+    "no_cos_no_mlm": {"init": "teacher", "cos": 0.0, "mlm": 0.0},
+    "random_init": {"init": "random"},
+    "random_init_mlm_only": {"init": "random", "ce": 0.0, "cos": 0.0},
+}
+ROW_TITLES = {
+    "triple": "triple loss (Lce + Lmlm + Lcos), teacher init",
+    "no_cos": "without Lcos",
+    "no_cos_no_mlm": "without Lcos and Lmlm (Lce only)",
+    "random_init": "triple loss, random init",
+    "random_init_mlm_only": "random init, Lmlm only (no teacher)",
+}
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One student to train: the configured one, or an ablation row."""
+
+    init: str  # teacher | random
+    weights: LossWeights
+    cos_layers: str  # last | mapped
+    mode: str  # cached | online
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.weights.ce > 0 or self.weights.cos > 0
+
+    def describe(self) -> dict[str, Any]:
+        w = self.weights
+        return {"init": self.init, "alpha_ce": w.ce, "alpha_mlm": w.mlm, "alpha_cos": w.cos,
+                "temperature": w.temperature, "cos_layers": self.cos_layers, "mode": self.mode}
+
+
+def configured_run(cfg: PipelineConfig) -> StudentRun:
+    d = cfg.distilbert
+    return StudentRun(d.init, LossWeights(d.alpha_ce, d.alpha_mlm, d.alpha_cos, d.temperature), d.cos_layers, d.mode)
+
+
+def without_missing_terms(run: StudentRun, teacher: SavedTeacher) -> tuple[StudentRun, dict[str, str]]:
+    """(the run the teacher can serve, {dropped term: why}): a teacher without an MLM head has no soft
+    labels, so Lce is dropped (alpha_ce = 0); hidden-state distillation always works."""
+    if teacher.has_mlm_head or run.weights.ce == 0:
+        return run, {}
+    return (replace(run, weights=replace(run.weights, ce=0.0)),
+            {"ce": f"teacher has no MLM head (teacher.mlm_head: {teacher.mlm_head})"})
+
+
+def losses_used(run: StudentRun) -> list[str]:
+    w = run.weights
+    return [name for name, weight in (("ce", w.ce), ("mlm", w.mlm), ("cos", w.cos)) if weight > 0]
+
+
+def ablation_run(base: StudentRun, row: str) -> StudentRun:
+    change = dict(ROWS[row])
+    init = change.pop("init", base.init)
+    return replace(base, init=init, weights=replace(base.weights, **change))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss: the student's forward, the teacher's signal (cached or online), the three terms
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], positions: str,
+                   temperature: float) -> dict[str, Any]:
+    """The teacher in the same step: its full distribution at temperature T at the loss positions (none
+    from a teacher without an MLM head) and the hidden states of `layers` (what the cache would hold with
+    k = the vocabulary)."""
+    backbone = teacher.bert if hasattr(teacher, "bert") else teacher
+    out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers), return_dict=True)
+    where = position_mask(batch, positions)
+    probs = None
+    if teacher_has_mlm_head(teacher):
+        logits = teacher.cls.predictions(out.last_hidden_state[where]).float()
+        probs = torch.softmax(logits / temperature, dim=-1)
+    hidden = {layer: out.hidden_states[layer] for layer in layers}
+    return {"where": where, "ids": None, "probs": probs, "hidden": hidden}
+
+
+def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float) -> dict[str, Any]:
+    """The same from a CachedPairsCollator batch: top-k soft labels softened over their support."""
+    return {"where": batch["teacher_position_mask"], "ids": batch["teacher_topk_ids"],
+            "probs": soft_targets(batch["teacher_topk_probs"], temperature),
+            "hidden": {layer: batch[f"teacher_{hidden_name(layer)}"] for layer in layers}}
+
+
+def position_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
+    real = batch["attention_mask"].bool()
+    return real & (batch["labels"] != IGNORE_INDEX) if positions == "masked" else real
+
+
+def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: str = "masked", teacher=None):
+    """The engine's loss_fn(student, batch) -> (loss, {term: value}). cos_pairs: (student layer,
+    teacher layer), 1-based (0 = embeddings); the student's logits are computed only at the loss positions."""
+    w = run.weights
+    teacher_layers = [t for _, t in cos_pairs] if w.cos > 0 else []
+    all_layers = w.cos > 0 and len(cos_pairs) > 1
+
+    def loss_fn(student: DistilBertForMaskedLM, batch: dict[str, torch.Tensor]):
+        attention = batch["attention_mask"]
+        out = student.distilbert(input_ids=batch["input_ids"], attention_mask=attention,
+                                 output_hidden_states=all_layers, return_dict=True)
+        sig = None
+        if run.needs_teacher:
+            sig = (online_teacher(teacher, batch, teacher_layers, positions, w.temperature) if run.mode == "online"
+                   else cached_teacher(batch, teacher_layers, w.temperature))
+        # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
+        where = sig["where"] if sig is not None and w.ce > 0 else position_mask(batch, "masked")
+        logits = mlm_head(student, out.last_hidden_state[where])
+        terms: dict[str, torch.Tensor] = {}
+        if w.ce > 0:
+            support = logits if sig["ids"] is None else gather_support(logits, sig["ids"])
+            terms["ce_loss"] = soft_label_loss(support, sig["probs"], w.temperature)
+        if w.mlm > 0:
+            terms["mlm_loss"] = mlm_loss(logits, batch["labels"][where])
+        if w.cos > 0:
+            hs = out.hidden_states if all_layers else {cos_pairs[0][0]: out.last_hidden_state}
+            terms["cos_loss"] = cosine_loss([hs[s] for s, _ in cos_pairs], [sig["hidden"][t] for _, t in cos_pairs],
+                                            attention)
+        return combine_terms(terms, w), {name: value.detach() for name, value in terms.items()}
+
+    return loss_fn
+
+
+def cos_layer_pairs(cos_layers: str, layer_map: list[int], n_teacher: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of Lcos, 1-based: the last ones (DistilBERT's code), or every
+    student layer and its mapped teacher layer."""
+    if cos_layers == "last":
+        return [(len(layer_map), n_teacher)]
+    return [(i + 1, t) for i, t in enumerate(layer_map)]
+
+
+# ------------------------------------------------------------------------------------------------
+# training one student
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """What every student run of the stage shares."""
+
+    teacher: Any  # BertForPreTraining, eval mode (a BertModel when it has no MLM head)
+    teacher_config: BertConfig
+    layer_map: list[int]
+    pairs_train: Any
+    val_ds: Any
+    cache_dir: Path
+    pad_id: int
+    positions: str
+
+
+def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: Inputs, run_dir: Path,
+                  metrics_prefix: str = "") -> tuple[DistilBertForMaskedLM, dict[str, Any]]:
+    """Train one student into run_dir (checkpoints while it runs) and evaluate it; returns (model, result)."""
+    d = cfg.distilbert
+    pairs = cos_layer_pairs(run.cos_layers, inp.layer_map, inp.teacher_config.num_hidden_layers)
+    rt = engine.setup_runtime(d.train.precision)
+    multiple = 8 if rt.device.type == "cuda" else 1
+    teacher = None
+    if run.needs_teacher and run.mode == "cached":
+        data = cached_train_data(inp, [t for _, t in pairs] if run.weights.cos > 0 else [], run.weights.ce > 0)
+        collate = data.collator(inp.pad_id, multiple)
+    else:
+        data = inp.pairs_train
+        columns = TEACHER_INPUTS if run.needs_teacher else STUDENT_INPUTS
+        collate = engine.PadCollator(columns, {"input_ids": inp.pad_id, "labels": IGNORE_INDEX}, multiple)
+        if run.needs_teacher:
+            teacher = inp.teacher.to(rt.device)
+    torch.manual_seed(ctx.seed)
+    student = build_student(inp.teacher_config, len(inp.layer_map), d.dropout)
+    if run.init == "teacher":
+        init_student_from_teacher(inp.teacher, student, inp.layer_map)
+    eval_collate = engine.PadCollator(STUDENT_INPUTS, {"input_ids": inp.pad_id, "labels": IGNORE_INDEX}, multiple)
+    eval_batch = 2 * d.train.batch_size
+
+    def sink(metrics: dict[str, float], step: int | None) -> None:
+        ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
+
+    result = engine.train(
+        student, make_loss_fn(run, pairs, inp.positions, teacher), data, d.train, collate, seed=ctx.seed,
+        checkpoint_dir=run_dir / CHECKPOINTS, runtime=rt, metrics_sink=sink, progress=cfg.run.progress,
+        eval_fn=lambda m, rt: scoring.masked_lm_metrics(scoring.score_pretraining(
+            m, scoring.masked_lm_predictor(m, "distilbert"), inp.val_ds, eval_collate, eval_batch, rt, pair_label=None)))
+    if teacher is not None:
+        inp.teacher.cpu()
+    summary = {
+        **run.describe(), **engine.run_summary(result),
+        "resumed_from_step": result.resumed_from_step, "device": str(rt.device), "precision": rt.precision,
+        "cos_pairs": pairs, **engine.rounded(result.final_losses), **engine.rounded(result.eval_metrics),
+    }
+    return student.cpu(), summary
+
+
+def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = False) -> CachedPairs:
+    try:
+        data = CachedPairs(inp.cache_dir, inp.pairs_train, "train", "nsp")
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise StageError(f"the teacher cache cannot feed the student: {exc}") from exc
+    if with_soft_labels and not data.has_soft_labels:
+        raise StageError("distilbert.alpha_ce > 0 needs the teacher's soft labels, but the cache holds hidden "
+                         "states only; rerun the cache stage")
+    missing = [layer for layer in layers if layer not in data.layers]
+    if missing:
+        raise StageError(
+            f"distilbert needs teacher hidden layer(s) {missing} for Lcos (distilbert.cos_layers) but the cache "
+            f"holds {data.layers}: set cache.hidden_layers: mapped (the layers of distilbert.layer_map), or "
+            "distilbert.cos_layers: last, or distilbert.mode: online")
+    return data
+
+
+def _read_result(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RESULT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
+    t0 = time.perf_counter()
+    d = cfg.distilbert
+    saved = load_saved(ctx.upstream_dir("teacher"))
+    teacher_dir = saved.model_dir
+    teacher = saved.load_model()
+    tconf = teacher.config
+    try:
+        layer_map = resolve_layer_map(tconf.num_hidden_layers, d.num_layers, d.layer_map)
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    pairs_dir = ctx.upstream_dir("pairs")
+    cache_dir = ctx.upstream_dir("cache")
+    cache_manifest = read_cache_manifest(cache_dir)
+    inp = Inputs(teacher, tconf, layer_map, pairs_output.load_split(pairs_dir, "train"),
+                 pairs_output.load_split(pairs_dir, "validation", columns=[*PRETRAINING_INPUTS, "length"]),
+                 cache_dir, tok.pad_token_id, cache_manifest["positions"])
+
+    main, dropped = without_missing_terms(configured_run(cfg), saved)
+    if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0:
+        raise StageError("distilbert has nothing to train on: alpha_mlm and alpha_cos are 0 and Lce is dropped "
+                         f"({dropped['ce']}); set distilbert.alpha_cos or alpha_mlm above 0, or teacher.mlm_head: fit")
+    summary = _read_result(ctx.out_dir) if ctx.resuming and (ctx.out_dir / MODEL_DIR).is_dir() else None
+    if summary is None:
+        student, summary = train_student(cfg, ctx, main, inp, ctx.out_dir)
+        if not engine.is_main_process():  # another rank of a torchrun launch (tasks/train.py): rank 0 writes
+            return StageReport()
+        save_student(student, tok, ctx.out_dir / MODEL_DIR)
+        engine.finish_run(ctx.out_dir / CHECKPOINTS, ctx.out_dir / RESULT, summary)
+    student = DistilBertForMaskedLM.from_pretrained(ctx.out_dir / MODEL_DIR)
+
+    rows, skipped_rows = train_ablations(cfg, ctx, main, summary, inp)
+
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    teacher_counts = ctx.upstream["teacher"].manifest.get("counts", {})
+    teacher_acc = teacher_counts.get("val_mlm_accuracy")
+    counts: dict[str, float] = {
+        "parameters": n_student, "teacher_parameters": n_teacher, "parameter_ratio": round(n_student / n_teacher, 4),
+        "student_layers": len(layer_map), "teacher_layers": tconf.num_hidden_layers,
+        **{k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
+           and k not in ("resumed_from_step", *main.describe())},
+        "examples_validation": len(inp.val_ds),
+    }
+    if teacher_acc is not None:
+        counts["teacher_val_mlm_accuracy"] = teacher_acc
+        counts["quality_ratio"] = round(summary["val_mlm_accuracy"] / teacher_acc, 4) if teacher_acc else 0.0
+    counts["seconds"] = round(time.perf_counter() - t0, 3)
+    details: dict[str, Any] = {
+        "layer_map": layer_map, "layer_map_meaning": "student layer i (1-based) <- teacher layer layer_map[i-1]",
+        "student": main.describe(), "cos_pairs": summary["cos_pairs"],
+        "losses_used": losses_used(main), "dropped": dropped, "configured_alpha_ce": d.alpha_ce,
+        "teacher_mlm_head": saved.mlm_head,
+        "student_head": "initialised from the teacher's MLM head" if saved.has_mlm_head and main.init == "teacher"
+        else "fresh transform and bias, decoder tied to the word embeddings" + (
+            " (the teacher has no MLM head)" if main.init == "teacher" else ""),
+        "teacher_signal": ((f"cache: top-{cache_manifest['top_k']} soft labels at the {cache_manifest['positions']} "
+                            f"positions, hidden layers {cache_manifest['layers']}")
+                           if cache_manifest.get("has_soft_labels", True)
+                           else f"cache: hidden layers {cache_manifest['layers']} only (no soft labels)")
+        if main.mode == "cached" else "online: the teacher in every step"
+        + (" (its full distribution)" if saved.has_mlm_head else " (hidden states only)"),
+        "resumed_from_step": summary.get("resumed_from_step"), "device": summary.get("device"),
+        "precision": summary.get("precision"), "examples_train": len(inp.pairs_train),
+    }
+    artifacts = [RESULT, *sorted(p.relative_to(ctx.out_dir).as_posix() for p in (ctx.out_dir / MODEL_DIR).iterdir()
+                                 if p.is_file() and p.suffix != ".safetensors")]
+    if rows:
+        details["ablations"] = rows
+        artifacts += [f"{ABLATIONS}.json", f"{ABLATIONS}.md"]
+    if skipped_rows:
+        details["ablations_skipped"] = skipped_rows
+    return StageReport(
+        counts=counts,
+        inputs=[{"stage": n, "fingerprint": r.fingerprint} for n, r in ctx.upstream.items()],
+        artifacts=artifacts,
+        details=details,
+        models=[{"path": MODEL_DIR, "name": STAGE.models["distilbert"]}],
+    )
+
+
+def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:
+    """save_pretrained (safetensors) with the teacher's tokenizer, which for DistilBERT feeds no token types."""
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    engine.save_trained(student, model_dir, tok)
+
+
+def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, main_summary: dict[str, Any],
+                    inp: Inputs) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Train each requested row at the configured step budget into ablations/<row>/ (a row identical to
+    the configured student reuses its result) and write ablations.json and ablations.md. Returns (rows,
+    {skipped row: why}): a row left with no loss term (Lce only, from a teacher without an MLM head)."""
+    names = cfg.distilbert.ablation_rows()
+    if not names:
+        return [], {}
+    rows, skipped = [], {}
+    for name in names:
+        run = ablation_run(main, name)
+        if not losses_used(run):
+            skipped[name] = "no loss term left: the teacher has no MLM head, so Lce is dropped"
+            continue
+        run_dir = ctx.out_dir / ABLATIONS / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if run == main:
+            summary = {**main_summary, "same_as": "the configured student"}
+            atomic_write_json(run_dir / RESULT, summary)
+        else:
+            summary = _read_result(run_dir) if ctx.resuming else None
+            if summary is None:
+                _, summary = train_student(cfg, ctx, run, inp, run_dir, metrics_prefix=f"ablation/{name}/")
+                engine.finish_run(run_dir / CHECKPOINTS, run_dir / RESULT, summary)
+        row = {"row": name, "title": ROW_TITLES[name], **summary}
+        rows.append(row)
+        ctx.log_metrics({f"ablation/{name}/{k}": row[k] for k in ("val_mlm_accuracy", "val_mlm_perplexity")}, None)
+    atomic_write_json(ctx.out_dir / f"{ABLATIONS}.json", rows)
+    atomic_write_text(ctx.out_dir / f"{ABLATIONS}.md",
+                      ablation_table(rows, main_summary, cfg.distilbert.train.max_steps))
+    return rows, skipped
+
+
+def ablation_table(rows: list[dict[str, Any]], main: dict[str, Any], steps: int) -> str:
+    """Markdown: held-out MLM accuracy per row, and its difference to the stage's configured student."""
+    ref = main["val_mlm_accuracy"]
+    lines = [f"Held-out MLM accuracy (validation pairs) after {steps} steps each; the difference is to the "
+             "stage's configured student.", "",
+             "| row | init | a_ce | a_mlm | a_cos | val MLM accuracy | difference | val perplexity |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in [{"row": "student", "title": "configured student (registered)", **main}, *rows]:
+        lines.append(f"| {r['title']} | {r['init']} | {r['alpha_ce']:g} | {r['alpha_mlm']:g} | {r['alpha_cos']:g} | "
+                     f"{r['val_mlm_accuracy']:.4f} | {r['val_mlm_accuracy'] - ref:+.4f} | "
+                     f"{r['val_mlm_perplexity']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+

@@ -1,0 +1,311 @@
+"""models/distilbert.py and tasks/distilbert/: the student's initialisation from the teacher, the cached
+and online teacher paths, and the stage through tasks.stage.run_stage on the smoke preset's real data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from test_cache import VOCAB, pairs_columns
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertForPreTraining, pipeline
+
+from models.bert import bert_config, build_bert_for_pretraining
+from models.distilbert import (
+    LAYER_MAP,
+    build_student,
+    default_layer_map,
+    default_num_layers,
+    init_student_from_teacher,
+    parameter_map,
+    resolve_layer_map,
+)
+from models.losses import LossWeights
+from tasks import engine
+from tasks.artifacts import hash_tree, sha256_json
+from tasks.cache.outputs import CachedPairs
+from tasks.config import ConfigError, load_config
+from tasks.distilbert import build as distilbert
+from tasks.pairs.build import FEATURES
+from tasks.pipeline import SPECS, stages_until
+from tasks.stage import StageError, StageRecord, read_manifest, run_stage
+from tasks.teacher.outputs import load_saved
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PAD = 0
+
+
+def tiny_teacher(layers: int = 4, vocab: int = VOCAB, seed: int = 0) -> BertForPreTraining:
+    torch.manual_seed(seed)
+    return build_bert_for_pretraining(bert_config(vocab, 32, layers, 2, 64, 64, pad_token_id=PAD, dropout=0.0)).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer mapping and the initialisation
+# ------------------------------------------------------------------------------------------------
+def test_default_layer_map_is_every_second_teacher_layer():
+    assert default_num_layers(12) == 6 and default_layer_map(12, 6) == [2, 4, 6, 8, 10, 12]
+    assert default_layer_map(4, 2) == [2, 4] and default_layer_map(2, 1) == [2]
+    assert resolve_layer_map(12) == [2, 4, 6, 8, 10, 12]
+    assert resolve_layer_map(12, layer_map=[1, 6, 12]) == [1, 6, 12]
+    for bad in ([3, 2], [0, 2], [2, 13]):
+        with pytest.raises(ValueError, match="layer_map"):
+            resolve_layer_map(12, layer_map=bad)
+    with pytest.raises(ValueError, match="num_layers"):
+        resolve_layer_map(12, num_layers=3, layer_map=[2, 4])
+
+
+def test_config_checks_the_layer_map_against_the_teacher():
+    from tasks.config import ConfigError
+
+    cfg, _ = load_config("smoke", overrides=["distilbert.ablations=true"])
+    assert cfg.distilbert.ablation_rows() == ["triple", "no_cos", "no_cos_no_mlm", "random_init"]
+    with pytest.raises(ConfigError, match="above the teacher"):
+        load_config("smoke", overrides=["distilbert.layer_map=[1, 3]"])
+    with pytest.raises(ConfigError, match="increasing"):
+        load_config("smoke", overrides=["distilbert.layer_map=[2, 1]"])
+
+
+@pytest.mark.parametrize("teacher_class", [BertForPreTraining, BertForMaskedLM])
+def test_each_student_layer_equals_its_mapped_teacher_layer(tmp_path, teacher_class):
+    torch.manual_seed(0)
+    source = teacher_class(bert_config(VOCAB, 32, 6, 2, 64, 64))
+    with torch.no_grad():  # no tensor left at a value a fresh student would also have (LayerNorm ones...)
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    # a saved and reloaded checkpoint, as teacher.pretrained loads one (BertForMaskedLM: no NSP head)
+    source.save_pretrained(tmp_path / "bert")
+    teacher_model = teacher_class.from_pretrained(tmp_path / "bert")
+    torch.manual_seed(1)
+    student = build_student(teacher_model.config, 3)
+    mapping = init_student_from_teacher(teacher_model, student, [2, 4, 6])
+    t = dict(teacher_model.named_parameters(remove_duplicate=False))
+    s = dict(student.named_parameters(remove_duplicate=False))  # the tied projector too
+    # every student tensor got its teacher tensor's value: none is left at its random initialisation
+    assert set(mapping) == set(s)
+    for name, p in s.items():
+        assert torch.equal(p, t[mapping[name]]), name
+    for i, j in enumerate([2, 4, 6]):  # student layer i <- teacher layer j (1-based): q/k/v/o, FFN, both LNs
+        layer = teacher_model.bert.encoder.layer[j - 1]
+        block = student.distilbert.transformer.layer[i]
+        pairs = [(block.attention.q_lin, layer.attention.self.query), (block.attention.k_lin, layer.attention.self.key),
+                 (block.attention.v_lin, layer.attention.self.value),
+                 (block.attention.out_lin, layer.attention.output.dense),
+                 (block.sa_layer_norm, layer.attention.output.LayerNorm), (block.ffn.lin1, layer.intermediate.dense),
+                 (block.ffn.lin2, layer.output.dense), (block.output_layer_norm, layer.output.LayerNorm)]
+        assert len(pairs) == len(LAYER_MAP)
+        for ours, theirs in pairs:
+            assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    emb = teacher_model.bert.embeddings
+    assert torch.equal(student.distilbert.embeddings.word_embeddings.weight, emb.word_embeddings.weight)
+    assert torch.equal(student.distilbert.embeddings.position_embeddings.weight, emb.position_embeddings.weight)
+    assert torch.equal(student.distilbert.embeddings.LayerNorm.weight, emb.LayerNorm.weight)
+    head = teacher_model.cls.predictions
+    assert torch.equal(student.vocab_transform.weight, head.transform.dense.weight)
+    assert torch.equal(student.vocab_layer_norm.bias, head.transform.LayerNorm.bias)
+    assert torch.equal(student.vocab_projector.bias, head.bias)
+    assert student.vocab_projector.weight is student.distilbert.embeddings.word_embeddings.weight  # tied
+
+
+def test_a_full_depth_copy_computes_exactly_what_the_teacher_computes():
+    """Every block, the embeddings and the head mapped 1:1: with the token-type embedding (which DistilBERT
+    does not have) set to zero, the student's logits and hidden states are the teacher's."""
+    t = tiny_teacher(layers=3)
+    with torch.no_grad():
+        t.bert.embeddings.token_type_embeddings.weight.zero_()
+    student = build_student(t.config, 3).eval()
+    init_student_from_teacher(t, student, [1, 2, 3])
+    ids = torch.randint(5, VOCAB, (3, 11))
+    attention = torch.ones_like(ids)
+    attention[0, 7:] = 0
+    with torch.no_grad():
+        want = t(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        got = student(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    real = attention.bool()
+    torch.testing.assert_close(got.logits[real], want.prediction_logits[real], rtol=1e-5, atol=1e-5)
+    for g, w in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(g[real], w[real], rtol=1e-5, atol=1e-5)
+
+
+def test_bert_base_shape_halves_to_a_66m_student():
+    with torch.device("meta"):  # shapes only: nothing allocated
+        base = BertForPreTraining(BertConfig())
+        student = build_student(base.config, default_num_layers(12))
+        init_student_from_teacher(base, student, default_layer_map(12, 6))
+    n_teacher = sum(p.numel() for p in base.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    assert student.config.n_layers == 6 and student.config.dim == 768
+    assert 109e6 < n_teacher < 111e6 and 66e6 < n_student < 68e6
+    assert len(parameter_map(default_layer_map(12, 6))) == len(dict(student.named_parameters(remove_duplicate=False)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the cached teacher and the online teacher give the same loss when k covers the vocabulary
+# ------------------------------------------------------------------------------------------------
+def record(name: str, root: Path) -> StageRecord:
+    return StageRecord(name, root, {"output_fingerprint": sha256_json(hash_tree(root))}, cached=False,
+                       reason="made by the test")
+
+
+@pytest.mark.parametrize("cos_layers", ["last", "mapped"])
+def test_cached_and_online_paths_give_the_same_loss(make_config, workdir, tmp_path, cos_layers):
+    up = tmp_path / "up"
+    t = tiny_teacher(layers=4)
+    t.save_pretrained(up / "teacher" / "model", safe_serialization=True)
+    Dataset.from_dict(pairs_columns(40, 0), features=FEATURES).save_to_disk(str(up / "pairs" / "train"))
+    upstream = {"teacher": record("teacher", up / "teacher"), "pairs": record("pairs", up / "pairs")}
+    cfg = make_config(f"cache.top_k={VOCAB}", "cache.hidden_layers=mapped", "cache.splits=[train]",
+                      "cache.examples_per_shard=16", "cache.batch_tokens=256", "distilbert.num_layers=2")
+    rec = run_stage(SPECS["cache"], cfg, workdir, upstream)
+    layer_map = resolve_layer_map(4, 2)
+    assert layer_map == [2, 4] and rec.manifest["details"]["layers"] == [2, 4]  # 'mapped' = [2, 4] (4: the last)
+
+    teacher_model = load_saved(up / "teacher").load_model()
+    torch.manual_seed(5)
+    student = build_student(teacher_model.config, 2, dropout=0.0).eval()
+    init_student_from_teacher(teacher_model, student, layer_map)
+    with torch.no_grad():  # move the student away from the teacher so that every term is well above 0
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs_ds = load_from_disk(str(up / "pairs" / "train"))
+    data = CachedPairs(rec.dir, pairs_ds, "train", "nsp")
+    rows = list(range(0, 24))  # rows 3, 10 and 17 have no masked position
+    cached_batch = data.collator(PAD)(data[rows])
+    online_batch = engine.PadCollator(distilbert.TEACHER_INPUTS, {"input_ids": PAD, "labels": -100})(pairs_ds[rows])
+    pairs = distilbert.cos_layer_pairs(cos_layers, layer_map, 4)
+    run = distilbert.StudentRun("teacher", LossWeights(), cos_layers, "cached")
+    loss_c, terms_c = distilbert.make_loss_fn(run, pairs)(student, cached_batch)
+    loss_o, terms_o = distilbert.make_loss_fn(replace(run, mode="online"), pairs, teacher=teacher_model)(
+        student, online_batch)
+    assert set(terms_c) == {"ce_loss", "mlm_loss", "cos_loss"} and all(v > 1e-3 for v in terms_c.values())
+    for name in terms_c:  # the cache keeps hidden states in fp16: cos agrees to about 1e-4
+        assert terms_c[name].item() == pytest.approx(terms_o[name].item(), rel=2e-4, abs=1e-5), name
+    assert loss_c.item() == pytest.approx(loss_o.item(), rel=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage on the smoke preset's data (the embedded corpora), with a smoke teacher and cache
+# ------------------------------------------------------------------------------------------------
+SMOKE = ("run.progress=false",)
+
+
+@pytest.fixture(scope="module")
+def smoke_upstream(tmp_path_factory) -> dict[str, StageRecord]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg, _ = load_config("smoke", overrides=list(SMOKE))
+    root = tmp_path_factory.mktemp("smoke")
+    up: dict[str, StageRecord] = {}
+    for spec in (SPECS[name] for name in stages_until("cache")):
+        up[spec.name] = run_stage(spec, cfg, root, {n: up[n] for n in spec.upstream})
+    torch.set_num_threads(threads)
+    return up
+
+
+def smoke_config(*overrides: str):
+    return load_config("smoke", overrides=[*SMOKE, *overrides])[0]
+
+
+def test_distilled_student_beats_mlm_only_from_random_init(smoke_upstream, workdir):
+    logged: list[tuple[dict, int | None]] = []
+    cfg = smoke_config("distilbert.ablations=[random_init_mlm_only]")
+    rec = run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream, metrics_sink=lambda m, s: logged.append((m, s)))
+    counts, details = rec.manifest["counts"], rec.manifest["details"]
+    steps = cfg.distilbert.train.max_steps
+    assert counts["steps"] == steps and counts["student_layers"] == 1 and counts["teacher_layers"] == 2
+    assert details["layer_map"] == [2]
+    baseline = details["ablations"][0]
+    assert baseline["row"] == "random_init_mlm_only" and baseline["steps"] == steps
+    assert baseline["init"] == "random" and baseline["alpha_ce"] == 0 and baseline["alpha_cos"] == 0
+    # a clear margin: measured +0.014 to +0.022 over 3 seeds (the standard error of each accuracy is ~0.003)
+    assert counts["val_mlm_accuracy"] > baseline["val_mlm_accuracy"] + 0.008, (counts, baseline)
+    assert counts["val_mlm_accuracy"] > 1.2 * baseline["val_mlm_accuracy"]
+    # counts for the flow and the registry
+    assert counts["parameters"] < counts["teacher_parameters"]
+    assert counts["parameter_ratio"] == pytest.approx(counts["parameters"] / counts["teacher_parameters"], abs=1e-4)
+    assert counts["teacher_val_mlm_accuracy"] == smoke_upstream["teacher"].manifest["counts"]["val_mlm_accuracy"]
+    assert counts["quality_ratio"] == pytest.approx(counts["val_mlm_accuracy"] / counts["teacher_val_mlm_accuracy"],
+                                                    abs=1e-3)
+    for key in ("train_ce_loss", "train_mlm_loss", "train_cos_loss", "train_loss", "train_tokens_per_s",
+                "val_mlm_perplexity"):
+        assert counts[key] > 0, key
+    assert rec.manifest["models"] == [{"path": "model", "name": "lightbert-distilbert"}]
+    assert not (rec.dir / "checkpoints").exists() and not (rec.dir / "ablations" / baseline["row"] / "checkpoints").exists()
+    # every loss term, tokens/s and validation accuracy reached the sink; the row under its own prefix
+    names = {k for m, _ in logged for k in m}
+    assert {"train_ce_loss", "train_mlm_loss", "train_cos_loss", "tokens_per_s", "val_mlm_accuracy"} <= names
+    assert {"ablation/random_init_mlm_only/train_mlm_loss", "ablation/random_init_mlm_only/val_mlm_accuracy"} <= names
+    assert "ablation/random_init_mlm_only/train_ce_loss" not in names
+    table = (rec.dir / "ablations.md").read_text()
+    assert "random init, Lmlm only" in table and f"{baseline['val_mlm_accuracy']:.4f}" in table
+    assert json.loads((rec.dir / "ablations.json").read_text())[0]["row"] == "random_init_mlm_only"
+
+    # the saved student: a plain transformers model that fills masks
+    model = AutoModelForMaskedLM.from_pretrained(rec.dir / "model")
+    assert type(model).__name__ == "DistilBertForMaskedLM" and model.config.n_layers == 1
+    fill = pipeline("fill-mask", model=str(rec.dir / "model"), device="cpu")
+    out = fill(f"the government said on {fill.tokenizer.mask_token} that the plan would go ahead.")
+    assert len(out) == 5 and all(isinstance(o["token_str"], str) and 0 < o["score"] <= 1 for o in out)
+    assert run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream).cached
+
+
+def test_table4_ablations_train_each_row_at_the_same_budget(smoke_upstream, workdir):
+    cfg = smoke_config("distilbert.ablations=true", "distilbert.train.max_steps=12", "distilbert.train.log_every=4")
+    logged: list[dict] = []
+    rec = run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream, metrics_sink=lambda m, s: logged.append(m))
+    rows = rec.manifest["details"]["ablations"]
+    assert [r["row"] for r in rows] == ["triple", "no_cos", "no_cos_no_mlm", "random_init"]
+    assert all(r["steps"] == 12 for r in rows)
+    assert rows[0]["same_as"] == "the configured student"  # the triple loss is the configured student
+    assert rows[0]["val_mlm_accuracy"] == rec.manifest["counts"]["val_mlm_accuracy"]
+    by_row = {r["row"]: r for r in rows}
+    assert by_row["no_cos"]["alpha_cos"] == 0 and "train_cos_loss" not in by_row["no_cos"]
+    assert by_row["no_cos_no_mlm"]["alpha_mlm"] == 0 and "train_mlm_loss" not in by_row["no_cos_no_mlm"]
+    assert by_row["random_init"]["init"] == "random" and "train_cos_loss" in by_row["random_init"]
+    names = {k for m in logged for k in m}
+    assert all(f"ablation/{r}/val_mlm_accuracy" in names for r in by_row)
+    for r in by_row:
+        assert json.loads((rec.dir / "ablations" / r / "training.json").read_text())["steps"] == 12
+
+
+def test_online_mode_trains_against_the_teacher_in_the_same_step(smoke_upstream, workdir):
+    cfg = smoke_config("distilbert.mode=online", "distilbert.cos_layers=mapped", "distilbert.train.max_steps=10")
+    rec = run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream)
+    assert rec.manifest["details"]["teacher_signal"].startswith("online")
+    assert rec.manifest["counts"]["train_ce_loss"] > 0 and rec.manifest["counts"]["train_cos_loss"] > 0
+
+
+def test_interrupted_student_resumes_from_its_checkpoint(smoke_upstream, workdir, tmp_path):
+    args = ("distilbert.train.max_steps=40", "distilbert.train.checkpoint_every=10", "distilbert.train.log_every=10")
+    cfg = smoke_config(*args)
+
+    def interrupt(metrics: dict, step: int | None) -> None:
+        if step == 30 and "train_loss" in metrics:
+            raise KeyboardInterrupt  # as a Ctrl-C between two steps
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream, metrics_sink=interrupt)
+    assert read_manifest(workdir / "distilbert") is None
+    rec = run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream)
+    assert rec.manifest["resumed"] and rec.manifest["details"]["resumed_from_step"] == 20
+    assert rec.manifest["counts"]["steps"] == 40 and not (rec.dir / "checkpoints").exists()
+    # the same weights as an uninterrupted run
+    whole = run_stage(SPECS["distilbert"], cfg, tmp_path / "whole", smoke_upstream)
+    a = AutoModelForMaskedLM.from_pretrained(rec.dir / "model").state_dict()
+    b = AutoModelForMaskedLM.from_pretrained(whole.dir / "model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_mapped_cosine_needs_the_mapped_layers_in_the_cache(smoke_upstream, workdir):
+    # a 2-layer student of the 2-layer smoke teacher maps [1, 2]; the smoke cache holds only the last layer
+    with pytest.raises(ConfigError, match="cache.hidden_layers: mapped"):  # refused when the configuration is read
+        smoke_config("distilbert.num_layers=2", "distilbert.cos_layers=mapped")
+    cfg = smoke_config("distilbert.num_layers=2")
+    cfg.distilbert.cos_layers = "mapped"  # past the configuration's checks: the stage itself still refuses
+    with pytest.raises(StageError, match="cache.hidden_layers: mapped"):
+        run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream)
