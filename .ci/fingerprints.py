@@ -31,7 +31,7 @@ logging.getLogger("tasks").setLevel(logging.INFO)
 # fingerprint of an upstream output that holds them: they differ between two runs of the same code, so
 # the comparison drops them (and the workdir's own path) and compares the rest.
 TIMING_KEY = re.compile(r"(second|time|elapsed|latency|throughput|per_s|_ms|mfu|speed|started|finished|gflop|"
-                        r"_s$|^s$|date|when|fingerprint)", re.IGNORECASE)
+                        r"_s$|^s$|date|when|created|fingerprint)", re.IGNORECASE)
 
 
 def _without_timings(value, workdir: str):
@@ -53,6 +53,21 @@ def _content_hash(path: Path, workdir: Path) -> str | None:
     return hashlib.sha256(json.dumps(_without_timings(data, str(workdir)), sort_keys=True).encode()).hexdigest()
 
 
+def describe(workdir: Path, names) -> dict:
+    """{stage: {fingerprint, files: {path: sha256}, content: {path: hash without timings}}} of the finished
+    stages of a workdir."""
+    from tasks.stage import read_manifest
+
+    out = {}
+    for name in names:
+        manifest = read_manifest(workdir / name)
+        if manifest is not None:
+            out[name] = {"fingerprint": manifest["output_fingerprint"],
+                         "files": {path: entry["sha256"] for path, entry in manifest["files"].items()},
+                         "content": {path: _content_hash(workdir / name / path, workdir) for path in manifest["files"]}}
+    return out
+
+
 def build(preset: str, overrides: list[str], keep: Path | None = None) -> dict:
     from tasks.config import load_config
     from tasks.pipeline import SPECS
@@ -66,10 +81,7 @@ def build(preset: str, overrides: list[str], keep: Path | None = None) -> dict:
         for name, spec in SPECS.items():
             records[name] = run_stage(spec, cfg, Path(tmp), {u: records[u] for u in spec.upstream})
             print(f"{name}: {records[name].fingerprint}", file=sys.stderr, flush=True)
-        return {name: {"fingerprint": r.fingerprint,
-                       "files": {path: entry["sha256"] for path, entry in r.manifest["files"].items()},
-                       "content": {path: _content_hash(r.dir / path, Path(tmp)) for path in r.manifest["files"]}}
-                for name, r in records.items()}
+        return describe(Path(tmp), records)
 
 
 def compare(before: dict, after: dict) -> int:
@@ -105,8 +117,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="build in this workdir and keep it")
+    parser.add_argument("--workdir", type=Path, default=None, help="describe this finished workdir, build nothing")
     args = parser.parse_args()
-    result = build(args.preset, args.overrides, args.keep)
+    if args.workdir is not None:
+        from tasks.pipeline import STAGES
+
+        result = describe(args.workdir, STAGES)
+    else:
+        result = build(args.preset, args.overrides, args.keep)
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     if args.compare is not None:
         sys.exit(1 if compare(json.loads(args.compare.read_text(encoding="utf-8")), result) else 0)
