@@ -84,9 +84,15 @@ def run(
     except (ConfigError, StageError) as exc:
         _fail(str(exc), code=1)
     typer.echo("\nstage         output")
+    warnings = []
     for stage, out in outputs.items():
         manifest = read_manifest(Path(out)) or {}
         typer.echo(f"{stage:<13} {out}  ({manifest.get('timings', {}).get('seconds', 0):.1f}s)")
+        warnings += manifest.get("details", {}).get("warnings", [])
+    if warnings:  # what a stage found worth fixing: skipped files, dropped documents, [UNK] rate...
+        typer.secho(f"\n{len(warnings)} warning(s):", fg=typer.colors.YELLOW)
+        for warning in warnings:
+            typer.secho(f"  - {warning}", fg=typer.colors.YELLOW)
     if "evaluate" in outputs:
         report = Path(outputs["evaluate"]) / "report.md"
         tables = report.read_text(encoding="utf-8").split("\n## How it was measured")[0].rstrip()
@@ -188,9 +194,28 @@ def ui(
     workdir: Annotated[Path | None, typer.Option(help="The workdir whose mlflow.db to browse; default "
                                                       "./workdir/<default preset>.")] = None,
     port: int = 5000,
+    experiment: Annotated[str | None, typer.Option(
+        help="The experiment whose runs to open; default: the one of the latest pipeline run.")] = None,
+    no_browser: Annotated[bool, typer.Option(
+        "--no-browser", envvar="LIGHTBERT_NO_BROWSER", show_envvar=True,
+        help="Only print the URL; by default a browser opens on it when there is a display.")] = False,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for a workdir's store (one worker: light on a laptop)."""
-    from flows.serve import check_port_free, mlflow_server_command, server_env
+    """Start the MLflow UI on 127.0.0.1 for a workdir's store (one worker: light on a laptop), and open
+    it on the experiment's training runs."""
+    import signal
+    import sys
+
+    from flows.serve import (
+        HOST,
+        check_port_free,
+        experiment_runs_url,
+        mlflow_server_command,
+        open_browser,
+        server_env,
+        stop_process_group,
+        ui_experiment,
+        wait_healthy,
+    )
 
     wd = _store_workdir(workdir)
     db = wd / "mlflow.db"
@@ -198,10 +223,34 @@ def ui(
         _fail(f"{db} does not exist; run `lightbert run --workdir {wd}` first or pass --workdir")
     try:
         check_port_free(port, "--port")
+        found = ui_experiment(wd, experiment)
     except ConfigError as exc:
         _fail(str(exc))
-    typer.echo(f"MLflow UI for {db} on http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(mlflow_server_command(wd, port), env=server_env()))
+    base = f"http://{HOST}:{port}"
+    url = experiment_runs_url(base, found[0] if found else None)
+    typer.echo(f"starting the MLflow UI for {db} on {base} ...")
+    # Its own process group, in this session: Ctrl-C and SIGTERM reach this process, which stops it.
+    proc = subprocess.Popen(mlflow_server_command(wd, port), env=server_env(), stdin=subprocess.DEVNULL,
+                            process_group=0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    code = 0
+    try:
+        try:
+            wait_healthy(f"{base}/health", proc, "the MLflow UI")
+        except ConfigError as exc:
+            _fail(str(exc), code=1)
+        what = f"training runs of experiment {found[1]!r} (id {found[0]})" if found else "experiments"
+        typer.secho(f"\nMLflow UI, {what}:\n\n    {url}\n", bold=True)
+        if not no_browser and open_browser(url):
+            typer.echo("(opened in your browser)")
+        typer.echo("Ctrl-C stops the UI.")
+        code = proc.wait()
+    except KeyboardInterrupt:
+        typer.echo("\nMLflow UI stopped")
+    finally:
+        stop_process_group(proc)
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -234,6 +283,55 @@ def server(
         _fail(str(exc), code=1)
     except KeyboardInterrupt:
         typer.echo("\nservers stopped")
+
+
+@app.command()
+def verify(
+    workdir: Annotated[Path | None, typer.Option(help="The workdir whose finished stages to re-hash; default "
+                                                      "./workdir/<default preset>.")] = None,
+) -> None:
+    """Re-hash every file of every finished stage and name each one that changed (missing, size, sha256).
+
+    `lightbert run` reuses a stage by its files' size, mtime and inode, without reading them; this reads
+    them all, so it also finds a file damaged in place with its size and mtime kept. Exit code 1 when a
+    file changed (the next `lightbert run` rebuilds what it can see; rebuild the rest with a fresh
+    workdir or by deleting the stage's folder), 0 when every file matches its manifest."""
+    import time
+
+    from tasks.stage import verify_workdir
+
+    def size(n: float) -> str:
+        for unit in ("bytes", "KB", "MB", "GB", "TB"):
+            if n < 1000 or unit == "TB":
+                return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+            n /= 1000
+        return ""  # unreachable
+
+    wd = _store_workdir(workdir)
+    if not wd.is_dir():
+        _fail(f"{wd} does not exist; run `lightbert run --workdir {wd}` first, or pass the workdir to "
+              "check with --workdir")
+    t0 = time.perf_counter()
+    results = verify_workdir(wd, STAGES)
+    if not results:
+        _fail(f"{wd} holds no finished stage (no <stage>/manifest.json); run `lightbert run --workdir {wd}` "
+              "first, or pass the workdir to check with --workdir")
+    typer.echo(f"lightbert verify: {wd}")
+    files = nbytes = changed = 0
+    for result in results:
+        check = result.check
+        files, nbytes = files + check.files, nbytes + check.hashed_bytes
+        status = "ok" if check.ok else f"CHANGED: {len(check.problems)} of {check.files} files"
+        typer.echo(f"{result.name:<13} {status}  ({check.files} files, {size(check.hashed_bytes)})"
+                   + (f"  {result.note}" if result.note else ""))
+        for problem in check.problems:
+            typer.echo(f"  {result.name}/{problem}")
+        changed += len(check.problems)
+    seconds = time.perf_counter() - t0
+    bad = [r.name for r in results if not r.ok]
+    typer.echo(f"checked {files} files, {size(nbytes)} in {seconds:.1f}s: "
+               + (f"{changed} changed in {', '.join(bad)}" if bad else "every file matches its manifest"))
+    raise typer.Exit(1 if bad else 0)
 
 
 def main() -> None:  # pragma: no cover - console entry point

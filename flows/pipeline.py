@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows import tracking
 from flows.stages import SPECS, run_tracked_stage, stages_until
@@ -23,6 +23,12 @@ def lightbert_pipeline(config: dict[str, Any], workdir: str, until: str | None =
     wd = Path(workdir).resolve()
     records: dict[str, StageRecord] = {}
     with workdir_lock(wd), tracking.pipeline_run(cfg, wd, preset, until, tracking_uri) as parent_run_id:
+        # Holding the lock, this is the only live run of the workdir: what an earlier run of it left
+        # RUNNING in MLflow was killed (kill -9...) and is closed now, before any stage runs.
+        closed = tracking.close_abandoned_runs(wd, parent_run_id)
+        if closed:
+            get_run_logger().info(f"marked KILLED {len(closed)} MLflow run(s) a killed run of {wd} left RUNNING: "
+                                  f"{', '.join(closed)}")
         save_resolved_config(cfg, wd)
         for stage in stages_until(until):
             upstream = {name: records[name] for name in SPECS[stage].upstream}

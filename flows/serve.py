@@ -137,6 +137,76 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout_s: float =
         time.sleep(0.5)
 
 
+# The MLflow 3 UI (a hash-routed single-page app) opens on its home page, and with no workflow chosen
+# yet in the browser (localStorage "mlflow.workflowType") that is the GenAI view: traces, "No data
+# available". This route is the experiment page's "Runs" tab (routes `/experiments/:experimentId/runs`,
+# tab "runs", in mlflow/server/js/build/static/js/main.*.js); workflowType=machine_learning picks the
+# "Model training" navigation (it overrides the stored choice) and compareRunsMode=TABLE the runs table
+# rather than the charts. The experiment's tag mlflow.experimentKind=custom_model_development
+# (flows/tracking.py) makes /experiments/<id> itself redirect to the same tab.
+RUNS_VIEW_QUERY = "workflowType=machine_learning&compareRunsMode=TABLE"
+# Consoles' browsers (webbrowser.GenericBrowser: lynx, w3m, www-browser...) would take over the terminal.
+_CONSOLE_BROWSER = "GenericBrowser"
+
+
+def experiment_runs_url(base_url: str, experiment_id: str | None) -> str:
+    """The UI page listing an experiment's training runs (the experiments list when there is none)."""
+    base = base_url.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW_QUERY}"
+
+
+def ui_experiment(workdir: Path, name: str | None = None) -> tuple[str, str] | None:
+    """(id, name) of the experiment `lightbert ui` opens in the workdir's store: `name` when given
+    (a ConfigError if the store has no such experiment), else the one holding the latest pipeline run,
+    else the default experiment "lightbert"; None when the store has none of them."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}")
+    if name is not None:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise ConfigError(f"--experiment {name!r}: no such experiment in {workdir / 'mlflow.db'} "
+                              f"(experiments there: {known})")
+        return exp.experiment_id, exp.name
+    experiments = {e.experiment_id: e for e in client.search_experiments()}
+    if experiments:
+        latest = client.search_runs(list(experiments), filter_string="tags.`lightbert.kind` = 'pipeline'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        if latest:
+            exp = experiments[latest[0].info.experiment_id]
+            return exp.experiment_id, exp.name
+    exp = client.get_experiment_by_name("lightbert")
+    return (exp.experiment_id, exp.name) if exp is not None else None
+
+
+def can_open_browser() -> bool:
+    """Whether opening a browser makes sense here: not under tests, and a display on Linux/BSD."""
+    if os.environ.get("PYTEST_CURRENT_TEST") or os.environ.get("CI"):
+        return False
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def open_browser(url: str) -> bool:
+    """Open `url` in the user's graphical browser, when there is one; True if one was asked to."""
+    import webbrowser
+
+    if not can_open_browser():
+        return False
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return False
+    if type(browser).__name__ == _CONSOLE_BROWSER:
+        return False
+    return bool(browser.open(url))
+
+
 def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
     """SIGTERM the process group started for a server, SIGKILL it if it lingers."""
     if proc.poll() is not None:

@@ -24,6 +24,12 @@ def summary_line(record: StageRecord) -> str:
     return f"{record.name:<13} built in {seconds:.1f}s ({record.reason}) {shown}"
 
 
+def stage_warnings(record: StageRecord) -> list[str]:
+    """What a stage found worth a warning (files skipped, documents dropped, [UNK] rate...): its manifest's
+    details.warnings; the run summary repeats them."""
+    return list(record.manifest.get("details", {}).get("warnings", []))
+
+
 # Caching is the stage's own (tasks/stage.py): Prefect's result cache cannot tell whether the files
 # a task wrote still exist and match, so every call re-checks the manifest against the files.
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -39,6 +45,8 @@ def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: 
         for outcome in tracking.record_evaluations(record):
             get_run_logger().info(f"registry: {outcome['name']} v{outcome['version']}: {outcome['reason']}")
     get_run_logger().info(summary_line(record))
+    for warning in stage_warnings(record):
+        get_run_logger().warning(warning)
     if record.cached:
         return Completed(data=record, name="Cached", message=f"reused {record.dir}")
     return record

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,6 +22,19 @@ from tasks.stage import StageRecord, code_version
 
 PARAM_BATCH = 100
 PARAM_MAX_LEN = 6000
+TAG_MAX_LEN = 5000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind: opens on the runs
+WORKDIR_TAG = "lightbert.workdir"
+HOST_TAG = "lightbert.host"
+RESUMED_BY_TAG = "lightbert.resumed_by"  # on a run a killed pipeline run left RUNNING: the run that closed it
+CLOSED_RUNS_TAG = "lightbert.closed_runs"  # on a parent run: the runs it closed (comma-separated ids)
+RESUMED_FROM_TAG = "lightbert.resumed_from"  # on a parent run: the killed parent runs it closed
+
+# Tags every run of one pipeline run carries (workdir, host), by run id, with the id of the pipeline
+# run it belongs to: stage and ablation runs inherit them from their parent, so a later run can tell
+# which RUNNING runs are its workdir's. Forgotten when the pipeline run ends.
+_inherited: dict[str, tuple[str, dict[str, str]]] = {}
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -47,12 +61,14 @@ def setup_tracking(tracking_uri: str, experiment: str, workdir: Path) -> str:
             location = (Path(workdir).resolve() / "mlruns").as_uri()
         exp_id = mlflow.create_experiment(experiment, artifact_location=location, tags={
             # Opens in the UI's model-training view (runs, metrics, models), not its GenAI view.
-            "mlflow.experimentKind": "custom_model_development",
+            EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
             "mlflow.note.content": "lightbert pipeline runs: one parent run per `lightbert run`, "
                                    "a nested run per stage.",
         })
     else:
         exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment made elsewhere; a kind chosen in the UI stays
+            mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -87,32 +103,108 @@ def pipeline_run(cfg: PipelineConfig, workdir: Path, preset: str, until: str | N
     before = os.environ.get("MLFLOW_TRACKING_URI")
     setup_tracking(uri, cfg.run.experiment, workdir)
     name = f"pipeline-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = None
     try:
         with mlflow.start_run(run_name=name) as run:
+            run_id = run.info.run_id
+            inherited = {WORKDIR_TAG: str(Path(workdir).resolve()), HOST_TAG: socket.gethostname()}
+            _inherited[run_id] = (run_id, inherited)
             mlflow.set_tags({
                 "lightbert.kind": "pipeline",
                 "lightbert.preset": preset,
                 "lightbert.until": until or "all",
-                "lightbert.workdir": str(Path(workdir).resolve()),
                 "lightbert.code_version": code_version(),
+                "lightbert.pid": str(os.getpid()),
+                **inherited,
             })
             _log_params(flatten(cfg.model_dump(mode="json")))
             mlflow.log_text(dump_config(cfg), "config.yaml")
-            yield run.info.run_id
+            yield run_id
     finally:
+        for key in [k for k, (root, _) in _inherited.items() if root == run_id]:
+            del _inherited[key]
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def _inherited_tags(parent_run_id: str) -> dict[str, str]:
+    """The workdir and host tags of a parent run, for its nested runs (read from the store when this
+    process did not start the parent)."""
+    if parent_run_id in _inherited:
+        return dict(_inherited[parent_run_id][1])
+    tags = _mlflow().MlflowClient().get_run(parent_run_id).data.tags
+    return {k: tags[k] for k in (WORKDIR_TAG, HOST_TAG) if k in tags}
+
+
+def _remember_nested(run_id: str, parent_run_id: str, tags: dict[str, str]) -> None:
+    if parent_run_id in _inherited:
+        _inherited[run_id] = (_inherited[parent_run_id][0], tags)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, parent_run_id: str) -> Iterator[str]:
     """A nested run for one stage; marked FAILED by MLflow if the block raises."""
     mlflow = _mlflow()
+    inherited = _inherited_tags(parent_run_id)
     with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
-        mlflow.set_tag("lightbert.stage", stage)
+        mlflow.set_tags({"lightbert.stage": stage, **inherited})
+        _remember_nested(run.info.run_id, parent_run_id, inherited)
         yield run.info.run_id
+
+
+def close_abandoned_runs(workdir: Path, resumed_by: str) -> list[str]:
+    """Mark KILLED the runs that an earlier, dead pipeline run of this workdir left RUNNING; returns
+    their ids (parents first).
+
+    Call it only while holding the workdir lock (tasks/stage.py `workdir_lock`): a run holds that lock
+    for its whole life, so once this process has it, no other process on this host runs this workdir,
+    and a RUNNING run of it is one whose process was killed (kill -9, OOM, power loss) before MLflow
+    could end it. Runs of this workdir are those tagged with it (lightbert.workdir) and this host
+    (lightbert.host; another host's lock is not ours), in the current experiment, plus every RUNNING
+    run nested under one of them (ablation runs, stage runs of older versions without the tags). Each
+    closed run is tagged lightbert.resumed_by = `resumed_by`; the run `resumed_by` is tagged with what
+    it closed (lightbert.closed_runs, and lightbert.resumed_from for the killed parent runs).
+    """
+    mlflow = _mlflow()
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(resumed_by).info.experiment_id
+    running, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        running.extend(r for r in page if r.info.run_id != resumed_by)
+        token = page.token
+        if not token:
+            break
+    wd, host = str(Path(workdir).resolve()), socket.gethostname()
+    dead = [r for r in running if r.data.tags.get(WORKDIR_TAG) == wd and r.data.tags.get(HOST_TAG, host) == host]
+    chosen = {r.info.run_id for r in dead}
+    grown = True
+    while grown:  # nested runs of a dead run, at any depth
+        more = [r for r in running if r.info.run_id not in chosen
+                and r.data.tags.get("mlflow.parentRunId") in chosen]
+        dead += more
+        chosen |= {r.info.run_id for r in more}
+        grown = bool(more)
+    dead.sort(key=lambda r: ("mlflow.parentRunId" in r.data.tags, r.info.start_time or 0))
+    for r in dead:
+        client.set_tag(r.info.run_id, RESUMED_BY_TAG, resumed_by)
+        note = r.data.tags.get("mlflow.note.content", "")[:TAG_MAX_LEN]
+        client.set_tag(r.info.run_id, "mlflow.note.content", (
+            f"{note}\n\n" if note else "") + f"Killed: its process died while RUNNING; closed by run "
+            f"{resumed_by}, the next run on {wd}, which resumed its work.")
+        client.set_terminated(r.info.run_id, status="KILLED")
+    ids = [r.info.run_id for r in dead]
+    if ids:
+        parents = [r.info.run_id for r in dead if r.data.tags.get("lightbert.kind") == "pipeline"]
+        client.set_tag(resumed_by, CLOSED_RUNS_TAG, ",".join(ids)[:TAG_MAX_LEN])
+        if parents:
+            client.set_tag(resumed_by, RESUMED_FROM_TAG, ",".join(parents)[:TAG_MAX_LEN])
+    return ids
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -253,7 +345,7 @@ def log_ablations(record: StageRecord, stage_run_id: str) -> None:
         name = str(row.get("row", "row"))
         with mlflow.start_run(run_name=f"{record.name}/{name}", nested=True, parent_run_id=stage_run_id):
             mlflow.set_tags({"lightbert.stage": record.name, "lightbert.ablation": name,
-                             "lightbert.cached": str(record.cached).lower()})
+                             "lightbert.cached": str(record.cached).lower(), **_inherited_tags(stage_run_id)})
             mlflow.log_params({k: str(v)[:PARAM_MAX_LEN] for k, v in row.items()
                                if not isinstance(v, int | float) or isinstance(v, bool)})
             log_metrics({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})

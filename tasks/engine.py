@@ -29,11 +29,13 @@ exactly when every micro-batch has the same number of loss positions, and closel
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +85,16 @@ class Runtime:
         return "fp32" if self.autocast_dtype is None else "bf16"
 
 
+DIST_TIMEOUT_S = 1800.0  # collectives: evaluation is sharded, so no rank waits long on another
+
+
 def setup_runtime(precision: str = "auto") -> Runtime:
     """The device and processes this run has. Joins a torchrun process group when launched by one."""
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # A rank that waits longer than this on a collective fails with an error instead of hanging.
+        timeout = timedelta(seconds=float(os.environ.get("LIGHTBERT_DIST_TIMEOUT_S", DIST_TIMEOUT_S)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
         distributed = True
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
@@ -115,13 +122,25 @@ def gpu_peak_flops(device: torch.device) -> float | None:
 
 
 def model_flops_per_token(model: nn.Module, seq_len: float) -> float:
-    """Training FLOPs per token: 6 N (forward + backward through every weight) plus attention scores
-    and values, 12 L H T (PaLM appendix B; nanoGPT's estimate_mfu)."""
+    """The textbook estimate of training FLOPs per token: 6 N (forward + backward through every weight)
+    plus attention, 12 L H T (PaLM appendix B; nanoGPT's estimate_mfu). It counts a shared layer once and
+    the vocabulary projection at every token; MFU uses counted_flops instead."""
     n_params = sum(p.numel() for p in model.parameters())
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", 0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
     return 6 * n_params + 12 * layers * hidden * seq_len
+
+
+def counted_flops(step: Callable[[], Any]) -> tuple[int, Any]:
+    """(the FLOPs `step()` actually runs, forward and backward, counted op by op by torch's FlopCounterMode,
+    and what it returned): a layer shared L times is counted L times, the vocabulary projection only at
+    the rows it is applied to (the loss positions), attention as computed (padding included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = step()
+    return int(counter.get_total_flops()), result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +288,13 @@ class _TrainState:
     resumed_from: int | None = None
 
 
+@dataclass
+class _FlopsPerToken:
+    """Training FLOPs per real token, counted on the run's first micro-batch (for MFU)."""
+
+    value: float | None = None
+
+
 @dataclass(frozen=True)
 class _WindowTotals:
     """One log window summed over all ranks."""
@@ -278,13 +304,12 @@ class _WindowTotals:
     seq_len: float  # padded tokens per row
     seconds: float
 
-    def metrics(self, learning_rate: float, model: nn.Module, peak: float | None,
+    def metrics(self, learning_rate: float, flops_per_token: float | None, peak: float | None,
                 world_size: int) -> dict[str, float]:
         metrics = dict(self.losses, learning_rate=learning_rate,
                        tokens_per_s=self.tokens / max(self.seconds, 1e-9))
-        if peak is not None:
-            flops = model_flops_per_token(model, self.seq_len) * metrics["tokens_per_s"]
-            metrics["mfu"] = flops / (peak * world_size)
+        if peak is not None and flops_per_token is not None:
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world_size)
         return metrics
 
 
@@ -392,19 +417,31 @@ def _next_micro_batches(stream: Iterator[tuple[tuple[int, int], np.ndarray]], ac
     return mine, position
 
 
+def _forward_backward(wrapped: nn.Module, batch: dict[str, torch.Tensor], accum: int, no_sync: bool, rt: Runtime):
+    """One micro-batch: forward under autocast, backward of loss / accum (DDP's all-reduce skipped with
+    no_sync); returns (loss, loss terms)."""
+    with wrapped.no_sync() if no_sync else contextlib.nullcontext():
+        with rt.autocast():
+            loss, terms = wrapped(batch)
+        (loss / accum).backward()
+    return loss, terms
+
+
 def _micro_steps(wrapped: nn.Module, train_data, collate, mine: list[np.ndarray], accum: int, rt: Runtime,
-                 window: _LogWindow) -> None:
+                 window: _LogWindow, flops: _FlopsPerToken | None = None) -> None:
     """Forward and backward over this rank's micro-batches, accumulating the mean gradient; DDP
-    all-reduces only at the last."""
+    all-reduces only at the last. With `flops` still unmeasured, the first micro-batch's FLOPs are counted."""
     for j, idx in enumerate(mine):
         host_batch = collate(train_data[idx])
         window.count(host_batch, len(idx))
         batch = {k: v.to(rt.device, non_blocking=True) for k, v in host_batch.items()}
         no_sync = rt.distributed and j < len(mine) - 1
-        with wrapped.no_sync() if no_sync else contextlib.nullcontext():
-            with rt.autocast():
-                loss, terms = wrapped(batch)
-            (loss / accum).backward()
+        step = functools.partial(_forward_backward, wrapped, batch, accum, no_sync, rt)
+        if flops is not None and flops.value is None:
+            counted, (loss, terms) = counted_flops(step)
+            flops.value = counted / max(_count_tokens(host_batch), 1)
+        else:
+            loss, terms = step()
         for name, value in {"loss": loss.detach(), **terms}.items():
             window.add(name, torch.as_tensor(value).detach().float() / accum)
 
@@ -421,8 +458,9 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module, Runtime], dict[str, float]] | None, rt: Runtime,
               metrics_sink: MetricsSink | None, step: int) -> dict[str, float]:
-    """eval_fn under no_grad and autocast, on the main process; its metrics go to the sink."""
-    if eval_fn is None or not rt.is_main:
+    """eval_fn under no_grad and autocast on every rank (the scorers shard the batches across the ranks and
+    all-reduce their sums: tasks.scoring.score_pretraining); the main process's metrics go to the sink."""
+    if eval_fn is None:
         return {}
     was_training = model.training
     model.eval()
@@ -431,7 +469,7 @@ def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module, Runtime], dict[str
             torch.no_grad(), rt.autocast():
         metrics = eval_fn(model, rt)
     model.train(was_training)
-    if metrics_sink is not None:
+    if metrics_sink is not None and rt.is_main:
         metrics_sink(metrics, step)
     return metrics
 
@@ -480,6 +518,7 @@ def train(
     wrapped = _wrap(model, loss_fn, rt)
 
     peak = gpu_peak_flops(rt.device)
+    flops = _FlopsPerToken()  # MFU (on a GPU whose peak is known): counted on the first micro-batch
     stream = micro_batches(lengths, cfg.batch_size, seed, state.position)
     window = _LogWindow()
     train_time, run_tokens, final_losses = 0.0, 0, {}
@@ -489,7 +528,7 @@ def train(
     while state.step < cfg.max_steps:
         window.start_step()
         mine, state.position = _next_micro_batches(stream, accum, rt, state.position)
-        _micro_steps(wrapped, train_data, collate, mine, accum, rt, window)
+        _micro_steps(wrapped, train_data, collate, mine, accum, rt, window, flops if peak is not None else None)
         _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, window)
         state.step += 1
         window.steps += 1
@@ -503,7 +542,7 @@ def train(
             run_tokens += int(totals.tokens)
             train_time += totals.seconds
             final_losses = totals.losses
-            metrics = totals.metrics(scheduler.get_last_lr()[0], model, peak, rt.world_size)
+            metrics = totals.metrics(scheduler.get_last_lr()[0], flops.value, peak, rt.world_size)
             if rt.is_main and metrics_sink is not None:
                 metrics_sink(metrics, state.step)
             if bar is not None:

@@ -341,7 +341,8 @@ def score_pretraining(model, predict: MaskedLMPredict, ds, collate, batch_size: 
                       baseline_token: int | None = None) -> PretrainingTotals:
     """Masked LM accuracy, loss and perplexity over every masked token of `ds` (with_mlm) and the pair
     head's accuracy over every example (when `predict` gives pair logits; pair_label: the batch's column
-    of pair labels, None for a model without a pair head). Batches are length-bucketed
+    of pair labels, None for a model without a pair head). Under torchrun every rank must call it: each
+    scores every world_size-th batch and the sums are all-reduced. Batches are length-bucketed
     in a fixed order; the model is left in the mode it was in. With baseline_token: how often the masked
     token is that token (the accuracy of a predictor that ignores its input)."""
     import torch
@@ -353,8 +354,9 @@ def score_pretraining(model, predict: MaskedLMPredict, ds, collate, batch_size: 
     totals = PretrainingTotals()
     was_training = model.training
     model.eval()
+    batches = engine.length_bucketed_batches(np.asarray(ds[length_column]), batch_size, seed=0, epoch=0)
     with torch.no_grad(), rt.autocast():
-        for idx in engine.length_bucketed_batches(np.asarray(ds[length_column]), batch_size, seed=0, epoch=0):
+        for idx in batches[rt.rank::rt.world_size]:  # under torchrun each rank scores its share
             batch = {k: v.to(rt.device) for k, v in collate(ds[idx]).items()}
             if not with_mlm:
                 batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)  # no vocabulary projection
@@ -372,7 +374,21 @@ def score_pretraining(model, predict: MaskedLMPredict, ds, collate, batch_size: 
                 totals.has_pair_head = True
                 totals.pair_correct += (pair_logits.argmax(-1) == batch[pair_label]).sum().item()
     model.train(was_training)
+    if rt.distributed:
+        totals = _all_reduced(totals, rt.device)
     return totals
+
+
+def _all_reduced(totals: PretrainingTotals, device) -> PretrainingTotals:
+    """The sums of every rank's share (the same on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    names = ("masked", "correct", "ce", "pairs", "pair_correct", "positive", "baseline", "has_pair_head")
+    values = torch.tensor([float(getattr(totals, n)) for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    summed = dict(zip(names, values.tolist(), strict=True))
+    return PretrainingTotals(**{n: summed[n] for n in names[:-1]}, has_pair_head=summed["has_pair_head"] > 0)
 
 
 def most_frequent_label(ds, column: str = "labels") -> int:

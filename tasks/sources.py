@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -63,7 +64,8 @@ class ResolvedSource:
     options: dict[str, Any] = field(default_factory=dict)  # text_field, txt_documents, first_line_title...
     max_documents: int | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    files_skipped: int = 0  # unsupported extensions in a folder
+    files_skipped: int = 0  # unsupported extensions, empty and binary files in a folder
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {file, reason} of the empty and binary ones
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of this input; `fingerprint` is the one value that identifies the data
@@ -72,7 +74,8 @@ class ResolvedSource:
         fp = self.fingerprint
         primary = fp.get("member_sha256") or fp.get("archive_sha256") or fp.get("sha256") or fp.get("stat_sha256")
         return {"label": self.label, "kind": self.kind, "location": self.location, "format": self.format,
-                "files": len(self.files), "files_skipped": self.files_skipped, "fingerprint": primary, **fp}
+                "files": len(self.files), "files_skipped": self.files_skipped, "fingerprint": primary,
+                **({"skipped": self.skipped[:50]} if self.skipped else {}), **fp}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,8 +125,8 @@ def detect_format(path: Path) -> str | None:
 
 
 def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_attempts: int = 3,
-                   download_backoff_s: float = 1.0) -> ResolvedSource:
-    """Find or fetch the source's files; nothing is read yet."""
+                   download_backoff_s: float = 1.0, max_bad_share: float = 1.0) -> ResolvedSource:
+    """Find or fetch the source's files and screen the local ones (screen_files); nothing else is read yet."""
     # An embedded source's manifest says how to read its data; what the user set (not None) still wins.
     entry = embedded_entry(spec.name, index) if spec.name else {}
 
@@ -132,7 +135,7 @@ def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_at
         return value if value is not None else entry.get(key, default)
 
     options = {"text_field": setting("text_field", "text"), "txt_documents": setting("txt_documents", "blank_line"),
-               "first_line_title": setting("first_line_title", False)}
+               "first_line_title": setting("first_line_title", False), "group_by": setting("group_by", None)}
     src = ResolvedSource(index, spec.label, "", "", setting("format", "auto"), options=options,
                          max_documents=spec.max_documents)
     if spec.name:
@@ -155,6 +158,7 @@ def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_at
         else:
             src.files = files
         src.fingerprint = {"stat_sha256": sha256_json(local_input_stats(spec, index))}
+        screen_files(src, max_bad_share, folder=Path(spec.path).expanduser().is_dir())
     elif spec.url:
         if src.format == "auto" and detect_format(Path(urllib.parse.urlparse(spec.url).path)) is None:
             raise ConfigError(f"corpus.sources[{index}].url: cannot tell the format of {spec.url} from its "
@@ -163,10 +167,81 @@ def resolve_source(spec: SourceSpec, index: int, cache_dir: Path, *, download_at
                                     backoff_s=download_backoff_s)
         src.kind, src.location, src.files = "url", spec.url, [path]
         src.fingerprint = {"sha256": digest, "cached_file": str(path)}
+        screen_files(src, max_bad_share, folder=False)
     else:
         src.kind, src.location, src.format = "hf", spec.hf or "", "hf"
         options.update(hf_config=spec.hf_config, split=spec.split)
     return src
+
+
+# ------------------------------------------------------------------------------------------------
+# screening local files before they are read: empty, binary, or not UTF-8 text
+# ------------------------------------------------------------------------------------------------
+# The first bytes of files that are not text (a user's folder often holds a stray archive or image).
+BINARY_SIGNATURES = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file", b"BZh": "a bzip2 file",
+                     b"\xfd7zXZ\x00": "an xz file", b"7z\xbc\xaf\x27\x1c": "a 7z archive", b"%PDF": "a PDF",
+                     b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x7fELF": "an executable",
+                     b"PAR1": "a parquet file", b"\xff\xfe": "UTF-16 text", b"\xfe\xff": "UTF-16 text"}
+SCREEN_WINDOW = 64 * 1024  # bytes read at the start, middle and end of a file
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # control characters but tab, newlines, form feed
+TEXT_FORMATS = ("txt", "jsonl", "wikixml")
+
+
+def screen_file(path: Path) -> tuple[str | None, float]:
+    """(what is wrong, the share of bad characters): "empty", "binary: <kind>", or None for text, with the
+    share of invalid UTF-8 bytes and control characters in three sampled windows (start, middle, end)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(SCREEN_WINDOW)
+        windows = [head]
+        for offset in (size // 2, size - SCREEN_WINDOW):
+            if offset > len(head):
+                f.seek(offset)
+                windows.append(f.read(SCREEN_WINDOW))
+    if not head.strip():
+        return ("empty", 0.0) if size <= len(head) or not b"".join(windows).strip() else (None, 0.0)
+    kind = next((what for magic, what in BINARY_SIGNATURES.items() if head.startswith(magic)), None)
+    if kind is None and b"\x00" in head:
+        kind = "binary data (it holds NUL bytes)"
+    if kind is not None:
+        return f"binary: {kind}", 1.0
+    bad = total = 0
+    for window in windows:
+        replaced, dropped = window.decode("utf-8", "replace"), window.decode("utf-8", "ignore")
+        invalid = replaced.count("\ufffd") - dropped.count("\ufffd")  # a real U+FFFD is text
+        bad += invalid + len(_CONTROL.findall(dropped))
+        total += len(dropped) + invalid
+    return None, bad / max(total, 1)
+
+
+def screen_files(src: ResolvedSource, max_bad_share: float, folder: bool) -> None:
+    """Refuse, or (in a folder) skip and list, the files that are not text: an empty file and a binary one
+    are skipped in a folder and refused alone; a file whose sampled characters are more than max_bad_share
+    invalid UTF-8 or control characters is refused, with the share (it is not UTF-8 text)."""
+    kept = []
+    for path in src.files:
+        fmt = src.format if src.format != "auto" else detect_format(path)
+        if fmt not in TEXT_FORMATS or path.name.lower().endswith(".bz2"):
+            kept.append(path)
+            continue
+        problem, share = screen_file(path)
+        where = f"corpus.sources[{src.index}]"
+        if problem is None and share > max_bad_share:
+            raise StageError(f"{path}: {share:.0%} of its sampled characters are invalid UTF-8 or control characters "
+                             f"(over corpus.max_bad_char_share = {max_bad_share:.0%}): it is not UTF-8 text. Convert "
+                             f"it (e.g. iconv -f latin1 -t utf-8), remove it from {where}, or raise "
+                             "corpus.max_bad_char_share")
+        if problem is None:
+            kept.append(path)
+        elif folder:
+            src.skipped.append({"file": str(path), "reason": problem})
+        elif problem == "empty":
+            raise StageError(f"{path} is empty: there is nothing to read; point {where}.path at a file with text")
+        else:
+            raise StageError(f"{path} is not text but {problem.removeprefix('binary: ')}: extract or convert it "
+                             f"first (lightbert reads {', '.join(EXTENSION_FORMATS)} files), or remove it from {where}")
+    src.files_skipped += len(src.files) - len(kept)
+    src.files = kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,16 +497,35 @@ def _all_documents(src: ResolvedSource) -> Iterator[dict[str, Any]]:
     if src.format == "hf":
         yield from _hf_documents(src)
         return
+    group_by = src.options.get("group_by")
     for path in src.files:
         fmt = src.format if src.format != "auto" else detect_format(path)
+        if isinstance(group_by, str) and fmt not in ("jsonl", "parquet"):
+            raise StageError(f"corpus.sources[{src.index}].group_by names a field ({group_by!r}), which only .jsonl "
+                             f"and .parquet records have, but {path.name} is {fmt}; give a number of consecutive "
+                             "records (lines with txt_documents: line) instead")
         if fmt == "wikixml":
-            yield from _wiki_documents(path)
+            docs = _wiki_documents(path)
         elif fmt == "jsonl":
-            yield from _jsonl_documents(path, src)
+            docs = _jsonl_documents(path, src)
         elif fmt == "parquet":
-            yield from _parquet_documents(path, src)
+            docs = _parquet_documents(path, src)
         else:
-            yield from _txt_documents(path, src.options["txt_documents"], src.options["first_line_title"])
+            docs = _txt_documents(path, src.options["txt_documents"], src.options["first_line_title"])
+        yield from docs if group_by is None else _grouped(docs, group_by)
+
+
+def _grouped(docs: Iterator[dict[str, Any]], group_by: str | int) -> Iterator[dict[str, Any]]:
+    """Consecutive records joined into documents (one paragraph each): those with the same value of the
+    field group_by (the readers put it under "group"), or runs of group_by records."""
+    if isinstance(group_by, int):
+        runs = (run for _, run in groupby(enumerate(docs), key=lambda pair: pair[0] // group_by))
+        groups = ([doc for _, doc in run] for run in runs)
+    else:
+        groups = (list(run) for _, run in groupby(docs, key=lambda doc: doc.get("group")))
+    for records in groups:
+        text = "\n".join(r["text"].rstrip("\n") for r in records) + "\n"
+        yield _doc(text, records[0]["title"], records[0]["markup"], any(r["invalid_utf8"] for r in records))
 
 
 def _doc(text: str, title: str = "", markup: str = "plain", invalid_utf8: bool = False) -> dict[str, Any]:
@@ -469,6 +563,7 @@ def _txt_documents(path: Path, mode: str, first_line_title: bool) -> Iterator[di
 
 def _jsonl_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, Any]]:
     field_name = src.options["text_field"]
+    group_field = src.options.get("group_by") if isinstance(src.options.get("group_by"), str) else None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             line, bad = decode_utf8(raw)
@@ -482,7 +577,13 @@ def _jsonl_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, Any]
                 keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise StageError(f"{path} line {lineno} has no text field {field_name!r} (found: {keys}); "
                                  f"set corpus.sources[{src.index}].text_field")
-            yield _doc(row[field_name], str(row.get("title") or ""), invalid_utf8=bad)
+            doc = _doc(row[field_name], str(row.get("title") or ""), invalid_utf8=bad)
+            if group_field is not None:
+                if group_field not in row:
+                    raise StageError(f"{path} line {lineno} has no field {group_field!r} to group records by "
+                                     f"(found: {', '.join(row)}); fix corpus.sources[{src.index}].group_by")
+                doc["group"] = str(row[group_field])
+            yield doc
 
 
 def _parquet_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, Any]]:
@@ -494,13 +595,22 @@ def _parquet_documents(path: Path, src: ResolvedSource) -> Iterator[dict[str, An
     if field_name not in names:
         raise StageError(f"{path} has no column {field_name!r} (columns: {', '.join(names)}); "
                          f"set corpus.sources[{src.index}].text_field")
+    group_field = src.options.get("group_by") if isinstance(src.options.get("group_by"), str) else None
+    if group_field is not None and group_field not in names:
+        raise StageError(f"{path} has no column {group_field!r} to group records by (columns: {', '.join(names)}); "
+                         f"fix corpus.sources[{src.index}].group_by")
     columns = [field_name] + (["title"] if "title" in names and field_name != "title" else [])
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    read = columns + ([group_field] if group_field is not None and group_field not in columns else [])
+    for batch in pf.iter_batches(batch_size=1024, columns=read):
         texts = batch.column(field_name).to_pylist()
         titles = batch.column("title").to_pylist() if len(columns) > 1 else [""] * len(texts)
-        for text, title in zip(texts, titles, strict=True):
+        groups = batch.column(group_field).to_pylist() if group_field is not None else [None] * len(texts)
+        for text, title, group in zip(texts, titles, groups, strict=True):
             if text:
-                yield _doc(text, str(title or ""))
+                doc = _doc(text, str(title or ""))
+                if group_field is not None:
+                    doc["group"] = str(group)
+                yield doc
 
 
 def _open_maybe_bz2(path: Path) -> BinaryIO:

@@ -4,7 +4,9 @@ A stage writes one directory `<workdir>/<stage>/` holding its outputs and `manif
 under `<workdir>/.partial/` and moved into place only when complete, so a crash or a `kill -9` can
 never leave a directory that passes for finished. Its cache key is the stage's configuration + the
 output fingerprints of its upstream stages + a hash of its code; a finished stage is reused only when
-the key matches and every file still matches the manifest's sha256.
+the key matches and every file still matches the manifest: its size, and its mtime and inode recorded
+with its sha256 (a file whose mtime or inode differ is hashed, and then only its sha256 decides). The
+cheap check reads no file; `lightbert verify` (verify_workdir) re-hashes everything on demand.
 
 Nothing here knows about Prefect or MLflow: flows/ wraps `run_stage` in a task and logs the record.
 """
@@ -27,7 +29,15 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tasks.artifacts import atomic_write_json, hash_tree, replace_dir, sha256_json, verify_tree
+from tasks.artifacts import (
+    STAT_KEYS,
+    TreeCheck,
+    atomic_write_json,
+    check_tree,
+    hash_tree,
+    replace_dir,
+    sha256_json,
+)
 from tasks.section import ConfigError, Section, TrainingConfig
 
 if TYPE_CHECKING:
@@ -227,8 +237,51 @@ def _diff_config(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def check_files(stage_dir: Path, manifest: dict[str, Any], rehash: bool = False,
+                all_problems: bool = False) -> TreeCheck:
+    """Check a finished stage's files against its manifest (artifacts.check_tree). By metadata: a file
+    whose size, mtime_ns and inode match its manifest entry ("file_stats") is not read; rehash=True
+    hashes every file. The metadata counts as recorded when the manifest was written (its mtime: the
+    same clock as the files'), so a file written just before that is hashed all the same."""
+    try:
+        recorded_at: int | None = (stage_dir / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        recorded_at = None
+    return check_tree(stage_dir, manifest.get("files", {}), manifest.get("file_stats"),
+                      recorded_at_ns=recorded_at, rehash=rehash, all_problems=all_problems)
+
+
+def _shown(paths: list[str], limit: int = 3) -> str:
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _reuse_reason(result: TreeCheck) -> str:
+    notes = []
+    if result.metadata_changed:
+        n = len(result.metadata_changed)
+        notes.append(f"{n} file{'s' * (n > 1)} with a new mtime or inode but the same sha256: "
+                     f"{_shown(result.metadata_changed)}; hashed on every check until the stage is rebuilt")
+    if result.unrecorded:
+        notes.append(f"{result.unrecorded} file{'s' * (result.unrecorded > 1)} checked by sha256: "
+                     "the manifest predates recorded file metadata")
+    return "up to date" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def check_stage(stage_dir: Path, parts: dict[str, Any], verify: bool = True) -> tuple[bool, str]:
-    """(reusable?, reason). Reusable only if the key matches and the files match the manifest."""
+    """(reusable?, reason). Reusable only if the key matches and the files match the manifest.
+
+    verify=True checks the files by metadata (check_files): size, mtime_ns and inode against the
+    manifest, no file read; a file whose mtime or inode differ is hashed, and the stage is not reusable
+    only if its sha256 differs too. So a `touch`, or a copy that keeps the content, keeps the stage; the
+    reason says so ("up to date (1 file with a new mtime or inode but the same sha256: ...)"). The
+    manifest is left as it was built: a check never writes (it runs beside `lightbert verify`, on
+    read-only copies, on the main rank of torchrun), and the stage's record stays the one made when it
+    was built; the price is that such files are hashed again on each check until the stage is rebuilt.
+    Manifests written before the metadata was recorded are checked by sha256, as before.
+
+    The cheap check cannot see a file damaged in place with its size and mtime kept (a disk fault, a
+    tool that restores mtimes): `lightbert verify` re-hashes every file and names it.
+    """
     manifest = read_manifest(stage_dir)
     if manifest is None:
         return False, "no finished output" if not stage_dir.exists() else "manifest missing or unreadable"
@@ -247,10 +300,59 @@ def check_stage(stage_dir: Path, parts: dict[str, Any], verify: bool = True) -> 
             return False, "code changed"
         return False, "cache key changed"
     if verify:
-        problem = verify_tree(stage_dir, manifest.get("files", {}))
-        if problem:
-            return False, f"output no longer matches its manifest: {problem}"
+        result = check_files(stage_dir, manifest)
+        if result.problems:
+            return False, f"output no longer matches its manifest: {result.problems[0]}"
+        return True, _reuse_reason(result)
     return True, "up to date"
+
+
+@dataclass
+class StageVerification:
+    """One finished stage re-hashed by verify_workdir: its problems, one line each (empty: all match)."""
+
+    name: str
+    dir: Path
+    check: TreeCheck
+    note: str = ""  # e.g. the manifest is unreadable, or the stage was replaced while it was checked
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+
+def finished_stage_dirs(workdir: Path, order: Iterable[str] = ()) -> list[Path]:
+    """The stage folders of a workdir that hold a manifest: those named in `order` (the registry's stages,
+    tasks.pipeline.STAGES) in that order, then any other (hidden folders such as .partial left out)."""
+    workdir, order = Path(workdir), list(order)
+    known = [workdir / name for name in order]
+    others = sorted(p for p in workdir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                    and p.name not in order) if workdir.is_dir() else []
+    return [p for p in [*known, *others] if (p / MANIFEST).is_file()]
+
+
+def verify_workdir(workdir: Path, order: Iterable[str] = ()) -> list[StageVerification]:
+    """Re-hash every file of every finished stage of a workdir against its manifest (`lightbert verify`):
+    every problem, not only the first. It writes nothing and takes no lock, so it may run beside a
+    `lightbert run`; a stage that run replaces while it is checked is said so, not reported as damaged."""
+    out = []
+    for stage_dir in finished_stage_dirs(workdir, order):
+        manifest = read_manifest(stage_dir)
+        if manifest is None or not isinstance(manifest.get("files"), dict):
+            out.append(StageVerification(stage_dir.name, stage_dir,
+                                         TreeCheck(problems=[f"{MANIFEST} is unreadable"])))
+            continue
+        result = check_files(stage_dir, manifest, rehash=True, all_problems=True)
+        note = ""
+        if result.problems:
+            now = read_manifest(stage_dir) or {}
+            if (now.get("cache_key"), now.get("output_fingerprint")) != (
+                    manifest.get("cache_key"), manifest.get("output_fingerprint")):
+                note = "rebuilt while it was checked (a run is using this workdir): verify again after it"
+                result = TreeCheck(files=result.files, bytes=result.bytes, hashed_files=result.hashed_files,
+                                   hashed_bytes=result.hashed_bytes, seconds=result.seconds)
+        out.append(StageVerification(stage_dir.name, stage_dir, result, note))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +412,13 @@ def run_stage(
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
 
-    files = hash_tree(out_dir, exclude=(MANIFEST,))
+    # The sha256 of every file, and the metadata (mtime_ns, inode) that lets a later check reuse the stage
+    # without reading it. "files" and the output fingerprint hold only {size, sha256}, exactly as before
+    # (they are compared across runs and machines); the metadata, which differs on every build, is kept
+    # apart under "file_stats".
+    hashed = hash_tree(out_dir, exclude=(MANIFEST,), with_stat=True)
+    files = {rel: {"size": entry["size"], "sha256": entry["sha256"]} for rel, entry in hashed.items()}
+    file_stats = {rel: {key: entry[key] for key in STAT_KEYS} for rel, entry in hashed.items()}
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "stage": spec.name,
@@ -324,6 +432,7 @@ def run_stage(
         "counts": report.counts,
         "timings": {"started": started_at, "finished": _now(), "seconds": round(seconds, 3)},
         "files": files,
+        "file_stats": file_stats,
         "output_fingerprint": sha256_json(files),
         "datasets": report.datasets,
         "artifacts": report.artifacts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The tests mirror the tree in folders, and a few import another folder's builders (test_distilbert uses
+# test_cache's rows): every folder is importable, as the top one is.
+sys.path[1:1] = [str(d) for d in sorted(Path(__file__).parent.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))]
 
 from tasks.config import PipelineConfig, load_config  # noqa: E402
 from tasks.pipeline import SPECS, stages_until  # noqa: E402

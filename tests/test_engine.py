@@ -20,6 +20,7 @@ from models.bert import (
     PRETRAINING_INPUTS,
     bert_config,
     build_bert_for_pretraining,
+    pretraining_forward,
     pretraining_loss,
 )
 from tasks import engine
@@ -230,3 +231,90 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path: Path):
         assert torch.allclose(tensor, ranks[0][name], atol=1e-5), name
     assert (tmp_path / "ckpt0" / engine.CHECKPOINT).is_file()
     assert not (tmp_path / "ckpt1").exists()  # only rank 0 writes
+
+
+def _sharded_eval_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from tasks import scoring
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rt = engine.setup_runtime("fp32")
+    model = tiny_bert(dropout=0.0)
+    seen: list[int] = []
+
+    def predict(batch):
+        seen.append(len(batch["input_ids"]))
+        out_ = pretraining_forward(model, batch)
+        return out_.mlm_logits, out_.mlm_labels, out_.nsp_logits
+
+    totals = scoring.score_pretraining(model, predict, random_pairs(40, seed=3), COLLATE, 8, rt,
+                                       pair_label="next_sentence_label")
+    Path(out, f"eval{rank}.json").write_text(json.dumps({"totals": vars(totals), "rows": sum(seen)}))
+    dist.destroy_process_group()
+
+
+def test_evaluation_is_sharded_across_ranks_and_all_reduced(tmp_path: Path):
+    """Under DDP every rank scores its share of the validation batches (none waits for rank 0 to score all
+    of them), and the all-reduced sums equal one process scoring everything."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tasks import scoring
+
+    mp.spawn(_sharded_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
+    model = tiny_bert(dropout=0.0)
+
+    def predict(batch):
+        out_ = pretraining_forward(model, batch)
+        return out_.mlm_logits, out_.mlm_labels, out_.nsp_logits
+
+    single = scoring.score_pretraining(model, predict, random_pairs(40, seed=3), COLLATE, 8,
+                                       engine.setup_runtime("fp32"), pair_label="next_sentence_label")
+    assert ranks[0]["rows"] + ranks[1]["rows"] == 40 and 0 < ranks[0]["rows"] < 40  # each scored a share
+    for r in ranks:
+        for key in ("masked", "correct", "pairs", "pair_correct", "positive"):
+            assert r["totals"][key] == getattr(single, key), key
+        assert r["totals"]["ce"] == pytest.approx(single.ce, rel=1e-6)
+
+
+def test_counted_flops_see_shared_layers_and_loss_positions_only():
+    """MFU's FLOPs are counted as run: an ALBERT whose one layer is applied 4 times costs as much as one
+    with 4 separate layers (the 6N estimate would call it about 4x cheaper in its layers), and the
+    vocabulary projection costs in proportion to the masked positions, not to every token."""
+    from models.albert import albert_config, build_albert_for_pretraining
+
+    def albert(sharing: str):
+        torch.manual_seed(0)
+        conf = albert_config(VOCAB, 16, 64, 4, 2, 128, 64, sharing=sharing, pad_token_id=PAD, bos_token_id=CLS,
+                             eos_token_id=SEP, dropout=0.0)
+        return build_albert_for_pretraining(conf)
+
+    def flops(model, data) -> int:
+        collate = engine.PadCollator(PRETRAINING_INPUTS, {"input_ids": PAD, "labels": IGNORE_INDEX})
+        batch = collate(data[list(range(len(data)))])
+
+        def step():
+            out = pretraining_forward(model, batch) if hasattr(model, "cls") else None
+            loss = out.mlm_logits.sum() if out is not None else model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).prediction_logits.sum()
+            loss.backward()
+            return loss
+
+        return engine.counted_flops(step)[0]
+
+    data = random_pairs(8, seed=2, min_len=24, max_len=24)
+    shared, separate = albert("all"), albert("none")
+    assert flops(shared, data) == flops(separate, data)
+    assert engine.model_flops_per_token(shared, 24) < 0.7 * engine.model_flops_per_token(separate, 24)
+    few, many = random_pairs(8, seed=2, min_len=24, max_len=24, n_masked=2), random_pairs(8, seed=2, min_len=24,
+                                                                                        max_len=24, n_masked=10)
+    bert = tiny_bert(dropout=0.0)
+    extra = flops(bert, many) - flops(bert, few)
+    decoder = 6 * 32 * VOCAB  # forward + backward of the vocabulary projection, per masked row
+    assert extra >= 8 * 8 * decoder  # 8 rows x 8 more masked positions, each at least through the decoder

@@ -49,7 +49,7 @@ STAT_NAMES = ("documents", "sentences", "characters", "documents_read", "documen
 def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     c = cfg.corpus
     cache_dir = cfg.run.resolved_cache_dir()
-    sources = [resolve_source(spec, i, cache_dir) for i, spec in enumerate(c.sources)]
+    sources = [resolve_source(spec, i, cache_dir, max_bad_share=c.max_bad_char_share) for i, spec in enumerate(c.sources)]
     _make_labels_unique(sources)
     # Intermediate datasets live in scratch only; their fingerprints just have to be stable names.
     run_fp = sha256_json({"key": corpus_key(cfg), "inputs": [s.describe() for s in sources]})[:32]
@@ -76,8 +76,37 @@ def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         **{name: totals[name] for name in STAT_NAMES if name != "documents"},
         "sources": len(sources),
     }
+    details: dict = {"per_source": per_source}
+    warnings = corpus_warnings(per_source, sources, cfg)
+    if warnings:
+        details["warnings"] = warnings
     return StageReport(counts=counts, inputs=[s.describe() for s in sources], datasets=["train", "validation"],
-                       artifacts=["stats.json", "sample.txt"], details={"per_source": per_source})
+                       artifacts=["stats.json", "sample.txt"], details=details)
+
+
+def corpus_warnings(per_source: dict[str, dict[str, int]], sources: list[ResolvedSource],
+                    cfg: PipelineConfig) -> list[str]:
+    """What the run summary warns about: files skipped, and a source that lost more than
+    corpus.max_dropped_share of its documents, with the reason and the fix."""
+    out = []
+    for src in sources:
+        if src.skipped:
+            shown = "; ".join(f"{Path(s['file']).name} ({s['reason']})" for s in src.skipped[:5])
+            more = f" and {len(src.skipped) - 5} more" if len(src.skipped) > 5 else ""
+            out.append(f"corpus: {src.label}: skipped {len(src.skipped)} file(s) that are not text: {shown}{more} "
+                       "(listed in the corpus manifest's inputs)")
+        stats = per_source[src.label]
+        read = stats["documents_read"]
+        short, dupes = stats["documents_too_short"], stats["duplicates_dropped"]
+        if read and (short + dupes) / read > cfg.corpus.max_dropped_share:
+            reason = (f"{short:,} had fewer than corpus.min_document_sentences = {cfg.corpus.min_document_sentences} "
+                      "sentences" if short >= dupes else f"{dupes:,} were duplicates")
+            fix = (f"group records into documents (corpus.sources[{src.index}].group_by: a field, or a number of "
+                   "consecutive records) or lower corpus.min_document_sentences" if short >= dupes else
+                   "check the source for repeated documents, or set corpus.dedupe: false")
+            out.append(f"corpus: {src.label}: {short + dupes:,} of {read:,} documents ({(short + dupes) / read:.0%}) "
+                       f"were dropped: {reason}. NSP and SOP need documents of several sentences: {fix}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +252,9 @@ def _empty_corpus_message(per_source: dict[str, dict[str, int]], sources: list[R
     read = sum(s["documents_read"] for s in per_source.values())
     where = ", ".join(f"{src.label} ({per_source[src.label]['documents_read']})" for src in sources)
     if read == 0:
-        return (f"corpus is empty: no documents were read from {where}; check that the sources hold text in "
+        skipped = [f"{Path(f['file']).name} ({f['reason']})" for src in sources for f in src.skipped][:5]
+        why = f"; skipped as not text: {', '.join(skipped)}" if skipped else ""
+        return (f"corpus is empty: no documents were read from {where}{why}; check that the sources hold text in "
                 "the expected format (corpus.sources[].format, text_field) or add sources")
     reasons = []
     for name, what in (("documents_too_short",
@@ -235,7 +266,8 @@ def _empty_corpus_message(per_source: dict[str, dict[str, int]], sources: list[R
         if n:
             reasons.append(f"{n} {what}")
     return (f"corpus is empty after normalisation: {read} documents read from {where}, all dropped because "
-            f"{' and '.join(reasons)}; lower corpus.min_document_sentences or add sources")
+            f"{' and '.join(reasons)}; lower corpus.min_document_sentences, group one-sentence records into "
+            "documents (corpus.sources[].group_by), or add sources")
 
 
 def _sample_text(docs: Dataset) -> str:

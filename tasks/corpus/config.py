@@ -35,6 +35,10 @@ class SourceSpec(Section):
         "convention), one document per file, or one per line",
     )
     max_documents: int | None = Field(None, ge=1)
+    group_by: str | int | None = Field(
+        None, description="records that make one document: a field / column name (.jsonl, .parquet): consecutive "
+        "records with the same value of it; or a number N: every N consecutive records (lines with "
+        "txt_documents: line). For corpora of one sentence per record, which NSP and SOP cannot use otherwise")
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> SourceSpec:
@@ -46,6 +50,8 @@ class SourceSpec(Section):
             )
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if isinstance(self.group_by, int) and (self.group_by < 1 or isinstance(self.group_by, bool)):
+            raise ValueError(f"group_by must be a field name or a number of records >= 1 (got {self.group_by!r})")
         if self.sha256 is not None:
             s = self.sha256.lower()
             if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
@@ -69,6 +75,12 @@ class CorpusConfig(Section):
     min_document_sentences: int = Field(2, ge=1, description="shorter documents are dropped")
     max_documents: int | None = Field(None, ge=1, description="cap on documents kept, after dedupe")
     dedupe: bool = True
+    max_bad_char_share: float = Field(
+        0.2, gt=0.0, le=1.0, description="a text file whose sampled characters are more than this share invalid "
+        "UTF-8 or control characters is refused (it is binary or not UTF-8); a folder's empty and binary files "
+        "are skipped and listed")
+    max_dropped_share: float = Field(0.25, ge=0.0, le=1.0, description="more than this share of a source's "
+                                     "documents dropped (too short, duplicates) is a warning in the run summary")
 
     @field_validator("sources", mode="before")
     @classmethod

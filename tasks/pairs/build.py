@@ -106,22 +106,53 @@ def tokenize_documents(corpus: Dataset, tok: PreTrainedTokenizerBase, cache_file
 
 @dataclass
 class TokenizedSplit:
-    """A tokenized split as flat numpy arrays, for fast random access to any document's sentences."""
+    """A tokenized split as flat arrays, for fast random access to any document's sentences. Built once per
+    split into files (tokens int32, offsets int64: no 2^31 limit) and memory-mapped by every worker, so
+    the workers share one copy in the page cache instead of each holding the split in its own memory."""
 
     tokens: np.ndarray  # every token id, documents and sentences in order
     sentence_offsets: np.ndarray  # sentence i is tokens[sentence_offsets[i]:sentence_offsets[i + 1]]
     document_offsets: np.ndarray  # document d is sentences document_offsets[d] .. document_offsets[d + 1]
 
+    FILES = {"tokens": np.int32, "sentence_offsets": np.int64, "document_offsets": np.int64}
+
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> TokenizedSplit:
-        docs = ds.data.table.column("sentence_ids").combine_chunks()
-        sentences = pc.list_flatten(docs)
-        tokens = pc.list_flatten(sentences)
-        # Offsets of a sliced array do not start at 0: rebase them.
-        doc_off = docs.offsets.to_numpy()
-        sent_off = sentences.offsets.to_numpy()
-        return cls(tokens.to_numpy().astype(np.int32, copy=False),
-                   (sent_off - sent_off[0]).astype(np.int64), (doc_off - doc_off[0]).astype(np.int64))
+    def write(cls, ds: Dataset, folder: Path) -> Path:
+        """Stream the `sentence_ids` column into the three files, one Arrow chunk at a time (memory: one
+        chunk); offsets are rebased to global int64 ones."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {name: open(folder / f"{name}.bin", "wb") for name in cls.FILES}  # noqa: SIM115 - closed below
+        try:
+            n_tokens = n_sentences = 0
+            for chunk in ds.data.table.column("sentence_ids").chunks:
+                sentences = pc.list_flatten(chunk)
+                doc_off = chunk.offsets.to_numpy().astype(np.int64)
+                sent_off = sentences.offsets.to_numpy().astype(np.int64)
+                tokens = pc.list_flatten(sentences).to_numpy().astype(np.int32, copy=False)
+                (doc_off[:-1] - doc_off[0] + n_sentences).tofile(files["document_offsets"])
+                (sent_off[:-1] - sent_off[0] + n_tokens).tofile(files["sentence_offsets"])
+                tokens.tofile(files["tokens"])
+                n_sentences += int(doc_off[-1] - doc_off[0])
+                n_tokens += int(sent_off[-1] - sent_off[0])
+            np.array([n_sentences], dtype=np.int64).tofile(files["document_offsets"])
+            np.array([n_tokens], dtype=np.int64).tofile(files["sentence_offsets"])
+        finally:
+            for f in files.values():
+                f.close()
+        return folder
+
+    @classmethod
+    def open(cls, folder: Path) -> TokenizedSplit:
+        arrays = {}
+        for name, dtype in cls.FILES.items():
+            path = Path(folder) / f"{name}.bin"
+            arrays[name] = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
+                            else np.zeros(0, dtype=dtype))
+        return cls(**arrays)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, folder: Path) -> TokenizedSplit:
+        return cls.open(cls.write(ds, folder))
 
     @property
     def n_documents(self) -> int:
@@ -133,18 +164,18 @@ class TokenizedSplit:
     def sentences(self, doc: int) -> list[np.ndarray]:
         lo, hi = self.document_offsets[doc], self.document_offsets[doc + 1]
         off = self.sentence_offsets[lo:hi + 1]
-        return [self.tokens[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        return [np.asarray(self.tokens[off[i]:off[i + 1]]) for i in range(len(off) - 1)]
 
 
-# Each worker process rebuilds the flat view of a split once, from the memory-mapped Arrow files.
+# Each worker process opens a split's files once.
 _SPLIT_CACHE: dict[str, TokenizedSplit] = {}
 
 
-def _tokenized_split(ds: Dataset) -> TokenizedSplit:
-    if ds._fingerprint not in _SPLIT_CACHE:
+def _tokenized_split(folder: Path) -> TokenizedSplit:
+    if str(folder) not in _SPLIT_CACHE:
         _SPLIT_CACHE.clear()
-        _SPLIT_CACHE[ds._fingerprint] = TokenizedSplit.from_dataset(ds)
-    return _SPLIT_CACHE[ds._fingerprint]
+        _SPLIT_CACHE[str(folder)] = TokenizedSplit.open(folder)
+    return _SPLIT_CACHE[str(folder)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +320,7 @@ def _to_arrow(rows: list[dict[str, np.ndarray | int]], doc_index: list[int]) -> 
 class ExamplePlan:
     """Everything a worker needs to turn document indices into examples (picklable)."""
 
-    tokens: Dataset
+    tokens: Path  # the split's TokenizedSplit files
     pool: np.ndarray  # documents with at least one sentence: where random B' come from
     vocab: MaskingVocab
     specials: tuple[int, int]
@@ -343,8 +374,9 @@ def build_split(split_name: str, corpus: Dataset, tok: PreTrainedTokenizerBase, 
                 ctx: StageContext, key: str) -> Dataset:
     tokens = tokenize_documents(corpus, tok, ctx.scratch_dir / f"{split_name}-tokens.arrow",
                                 f"{key}-{split_name}-tokens", ctx.num_proc)
-    pool = _check_usable(split_name, _tokenized_split(tokens))
-    plan = ExamplePlan(tokens, pool, MaskingVocab.from_tokenizer(tok), (tok.cls_token_id, tok.sep_token_id),
+    flat = TokenizedSplit.write(tokens, ctx.scratch_dir / f"{split_name}-flat")
+    pool = _check_usable(split_name, _tokenized_split(flat))
+    plan = ExamplePlan(flat, pool, MaskingVocab.from_tokenizer(tok), (tok.cls_token_id, tok.sep_token_id),
                        cfg.pairs, cfg.run.seed, split_name)
     index = Dataset.from_dict({"doc": np.arange(len(tokens), dtype=np.int64)})
     copies = cfg.pairs.dupe_factor if split_name == "train" else 1
@@ -359,17 +391,23 @@ def build_split(split_name: str, corpus: Dataset, tok: PreTrainedTokenizerBase, 
 
 
 def split_counts(ds: Dataset) -> dict[str, float]:
+    """The split's statistics, one Arrow chunk at a time (memory: one chunk, whatever the split's size)."""
     table = ds.data.table
-    length = table.column("length").to_numpy()
-    labels = pc.list_flatten(table.column("labels")).to_numpy()
-    non_special = int(length.sum()) - 3 * len(length)
+    n = len(ds)
+    tokens = sum(int(pc.sum(chunk).as_py() or 0) for chunk in table.column("length").chunks)
+    masked = sum(int(pc.sum(pc.not_equal(pc.list_flatten(chunk), IGNORE_INDEX)).as_py() or 0)
+                 for chunk in table.column("labels").chunks)
+
+    def mean(column: str) -> float:
+        return sum(int(pc.sum(chunk).as_py() or 0) for chunk in table.column(column).chunks) / max(n, 1)
+
     return {
-        "examples": len(ds),
-        "tokens": int(length.sum()),
-        "mean_length": round(float(length.mean()), 2),
-        "masked_fraction": round(int((labels != IGNORE_INDEX).sum()) / max(non_special, 1), 4),
-        "nsp_random_fraction": round(float(table.column("next_sentence_label").to_numpy().mean()), 4),
-        "sop_swapped_fraction": round(float(table.column("sentence_order_label").to_numpy().mean()), 4),
+        "examples": n,
+        "tokens": tokens,
+        "mean_length": round(tokens / max(n, 1), 2),
+        "masked_fraction": round(masked / max(tokens - 3 * n, 1), 4),
+        "nsp_random_fraction": round(mean("next_sentence_label"), 4),
+        "sop_swapped_fraction": round(mean("sentence_order_label"), 4),
     }
 
 

@@ -25,6 +25,7 @@ from tasks.tokenizer.config import TokenizerConfig
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 BATCH_SIZE = 1000  # documents per batch read from Arrow while streaming sentences
+UNK_SAMPLE_SENTENCES = 200_000  # the train split's [UNK] rate is measured on its first sentences
 
 
 def iter_sentence_batches(ds: Dataset) -> Iterator[list[str]]:
@@ -49,10 +50,11 @@ def _bert_pipeline(model: models.WordPiece, tcfg: TokenizerConfig) -> Tokenizer:
     return tk
 
 
-def _trainer(tcfg: TokenizerConfig, vocab_size: int, special: list[str], progress: bool) -> trainers.WordPieceTrainer:
-    return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=tcfg.min_frequency,
-                                     limit_alphabet=tcfg.limit_alphabet, special_tokens=special,
-                                     show_progress=progress)
+def _trainer(tcfg: TokenizerConfig, vocab_size: int, special: list[str], progress: bool,
+             limit_alphabet: int | None) -> trainers.WordPieceTrainer:
+    cap = {} if limit_alphabet is None else {"limit_alphabet": limit_alphabet}  # unset: no cap
+    return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=tcfg.min_frequency, special_tokens=special,
+                                     show_progress=progress, **cap)
 
 
 def train_wordpiece(make_batches: Callable[[], Iterator[list[str]]], tcfg: TokenizerConfig,
@@ -65,11 +67,13 @@ def train_wordpiece(make_batches: Callable[[], Iterator[list[str]]], tcfg: Token
     (huggingface/tokenizers#1794). A first pass with no merges lists the pieces; the real pass gets
     them up front, in sorted order, as fixed tokens, which makes every id and tie-break reproducible.
     """
+    alphabet = tcfg.limit_alphabet  # None: every character the corpus uses
     probe = _bert_pipeline(models.WordPiece(unk_token="[UNK]"), tcfg)
-    probe.train_from_iterator(make_batches(), _trainer(tcfg, 1, SPECIAL_TOKENS, False))
+    probe.train_from_iterator(make_batches(), _trainer(tcfg, 1, SPECIAL_TOKENS, False, alphabet))
     pieces = sorted(t for t in probe.get_vocab() if t.startswith("##"))
     trained = _bert_pipeline(models.WordPiece(unk_token="[UNK]"), tcfg)
-    trained.train_from_iterator(make_batches(), _trainer(tcfg, tcfg.vocab_size, SPECIAL_TOKENS + pieces, progress))
+    trained.train_from_iterator(make_batches(),
+                                _trainer(tcfg, tcfg.vocab_size, SPECIAL_TOKENS + pieces, progress, alphabet))
     # The trainer registered the pieces as special tokens of `trained`; rebuild from the vocabulary
     # alone so that only the five BERT tokens are special.
     tk = _bert_pipeline(models.WordPiece(trained.get_vocab(), unk_token="[UNK]"), tcfg)
@@ -106,13 +110,20 @@ def write_vocab_txt(tok: PreTrainedTokenizerBase, out_dir: Path) -> None:
     (out_dir / "vocab.txt").write_text("".join(f"{t}\n" for t in by_id), encoding="utf-8")
 
 
-def measure_on_sentences(tok: PreTrainedTokenizerBase, batches: Iterator[list[str]]) -> dict[str, float]:
+def measure_on_sentences(tok: PreTrainedTokenizerBase, batches: Iterator[list[str]],
+                         max_sentences: int | None = None) -> dict[str, float]:
     """Fertility (tokens per word) and [UNK] rate. A word is what BERT's pre-tokeniser yields: text
-    between spaces and punctuation, and each CJK character when CJK splitting is on."""
+    between spaces and punctuation, and each CJK character when CJK splitting is on. With max_sentences:
+    over the first that many sentences only."""
     backend = tok.backend_tokenizer
     unk_id = tok.unk_token_id
-    tokens = words = unks = 0
+    tokens = words = unks = seen = 0
     for batch in batches:
+        if max_sentences is not None:
+            if seen >= max_sentences:
+                break
+            batch = batch[: max_sentences - seen]
+        seen += len(batch)
         for enc in backend.encode_batch(batch, add_special_tokens=False):
             tokens += len(enc.ids)
             unks += enc.ids.count(unk_id)
@@ -122,6 +133,13 @@ def measure_on_sentences(tok: PreTrainedTokenizerBase, batches: Iterator[list[st
         "fertility": round(tokens / words, 4) if words else 0.0,
         "unk_rate": round(unks / tokens, 6) if tokens else 0.0,
     }
+
+
+def unk_warning(split: str, rate: float, limit: float) -> str:
+    return (f"tokenizer: {rate:.2%} of the {split} split's tokens are [UNK] (over tokenizer.max_unk_rate = {limit:.2%}): "
+            "characters missing from the vocabulary; leave tokenizer.limit_alphabet unset (every character seen "
+            "min_frequency times is kept), lower tokenizer.min_frequency or raise tokenizer.vocab_size; a pretrained "
+            "teacher's tokenizer may simply not cover this language")
 
 
 def copy_pretrained(source: str, out_dir: Path) -> PreTrainedTokenizerBase:
@@ -167,6 +185,16 @@ def build_tokenizer(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     counts["vocab_size"] = len(tok)
     if validation is not None:  # the pairs stage refuses a corpus without one; nothing to measure here
         counts.update(measure_on_sentences(tok, iter_sentence_batches(validation)))
+        counts["unk_rate_validation"] = counts["unk_rate"]
+    train = load_split(corpus_dir, "train")
+    if train is not None:
+        sample = measure_on_sentences(tok, iter_sentence_batches(train), UNK_SAMPLE_SENTENCES)
+        counts["unk_rate_train"] = sample["unk_rate"]
+        details["unk_rate_train_sentences"] = min(count_sentences(train), UNK_SAMPLE_SENTENCES)
+    warnings = [unk_warning(split, counts[f"unk_rate_{split}"], cfg.tokenizer.max_unk_rate)
+                for split in ("train", "validation") if counts.get(f"unk_rate_{split}", 0.0) > cfg.tokenizer.max_unk_rate]
+    if warnings:
+        details["warnings"] = warnings
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     artifacts = sorted(p.relative_to(ctx.out_dir).as_posix() for p in ctx.out_dir.rglob("*") if p.is_file())
     return StageReport(

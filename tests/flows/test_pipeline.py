@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,16 +133,21 @@ def _cli(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "lightbert"), *args]
 
 
-@pytest.mark.slow
-def test_cli_resumes_after_kill_9_without_redoing_finished_stages(tmp_path, text_corpus):
-    workdir = tmp_path / "wd"
+def _slow_pairs_run(tmp_path: Path, text_corpus: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """(workdir, command, env) of a `lightbert run --until pairs` whose pairs stage lasts long enough to be
+    killed in the middle (60 copies of the tiny corpus)."""
     conf = tmp_path / "tiny.yaml"
     cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=60"))
-    data = cfg.model_dump(mode="json")
-    conf.write_text(yaml.safe_dump(data))
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    cmd = _cli("run", "--preset", "smoke", "--config", str(conf), "--workdir", str(workdir), "--until", "pairs")
+    workdir = tmp_path / "wd"
+    return workdir, _cli("run", "--preset", "smoke", "--config", str(conf), "--workdir", str(workdir), "--until",
+                         "pairs"), env
 
+
+@pytest.mark.slow
+def test_cli_resumes_after_kill_9_without_redoing_finished_stages(tmp_path, text_corpus):
+    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -181,3 +187,101 @@ def test_cli_reports_config_errors_and_unbuilt_stages(tmp_path):
     shown = subprocess.run(_cli("config", "--preset", "smoke", "--set", "pairs.dupe_factor=9"),
                            capture_output=True, text=True)
     assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["pairs"]["dupe_factor"] == 9
+
+
+def _wait_for(what: str, check, proc: subprocess.Popen, deadline: float):
+    """Poll `check()` until it returns something truthy; fail if `proc` exits first or time runs out.
+    A store read that hits the writer's lock (sqlite) is retried."""
+    from mlflow.exceptions import MlflowException
+
+    while True:
+        try:
+            found = check()
+        except MlflowException:
+            found = None
+        if found:
+            return found
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"{what}: not within the time allowed"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_rerun_marks_the_runs_a_kill_9_left_running_as_killed(tmp_path, text_corpus):
+    """A run killed with kill -9 cannot end its MLflow runs: the next run on the workdir (holding the
+    workdir lock, so the killed one is surely dead) marks them KILLED and tags them with itself. Runs of
+    another workdir, or of this path on another host, stay as they are."""
+    import mlflow
+
+    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        # The run creates the store (and its tables): open it only once a later stage is being built.
+        _wait_for("the pairs stage started", lambda: list((workdir / ".partial").glob("pairs-*")), proc, deadline)
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+        exp_id = client.get_experiment_by_name("lightbert").experiment_id
+
+        def running_pairs_run():
+            runs = client.search_runs([exp_id], filter_string="tags.`lightbert.stage` = 'pairs'")
+            return [r for r in runs if r.info.status == "RUNNING"]
+
+        killed_pairs = _wait_for("a RUNNING pairs stage run", running_pairs_run, proc, deadline)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    killed_parent_id = killed_pairs.data.tags["mlflow.parentRunId"]
+    assert client.get_run(killed_parent_id).info.status == "RUNNING"  # what the UI showed forever
+    assert killed_pairs.data.tags["lightbert.workdir"] == str(workdir.resolve())
+    # RUNNING runs that are not this workdir's on this host: another workdir, and this path elsewhere.
+    foreign = [client.create_run(exp_id, tags={"lightbert.kind": "pipeline", "lightbert.workdir": wd,
+                                               "lightbert.host": host}).info.run_id
+               for wd, host in ((str(tmp_path / "other"), socket.gethostname()),
+                                (str(workdir.resolve()), "another-host.invalid"))]
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    runs = client.search_runs([exp_id], order_by=["attributes.start_time ASC"])
+    by_id = {r.info.run_id: r for r in runs}
+    mine = [r for r in runs if r.info.run_id not in foreign]
+    assert [r.info.run_name for r in mine if r.info.status == "RUNNING"] == []
+    resumer = [r for r in mine if r.data.tags.get("lightbert.kind") == "pipeline"][-1]
+    resumer_id = resumer.info.run_id
+    assert resumer_id != killed_parent_id and resumer.info.status == "FINISHED"
+    killed = [r for r in mine if r.info.status == "KILLED"]
+    assert {r.info.run_id for r in killed} == {killed_parent_id, killed_pairs.info.run_id}
+    for run in killed:
+        assert run.data.tags["lightbert.resumed_by"] == resumer_id
+        assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
+    assert set(resumer.data.tags["lightbert.closed_runs"].split(",")) == {killed_parent_id, killed_pairs.info.run_id}
+    assert resumer.data.tags["lightbert.resumed_from"] == killed_parent_id
+    # the stages the killed run finished stay FINISHED, untouched
+    finished = [r for r in mine if r.data.tags.get("mlflow.parentRunId") == killed_parent_id
+                and r.info.run_id != killed_pairs.info.run_id]
+    assert {r.info.run_name for r in finished} == {"corpus", "tokenizer"}
+    assert all(r.info.status == "FINISHED" and "lightbert.resumed_by" not in r.data.tags for r in finished)
+    # every stage run of the rerun carries the workdir, so a later rerun can find it if this one dies
+    stage_runs = [r for r in mine if r.data.tags.get("mlflow.parentRunId") == resumer_id]
+    assert {r.info.run_name for r in stage_runs} == {"corpus", "tokenizer", "pairs"}
+    assert all(r.data.tags["lightbert.workdir"] == str(workdir.resolve()) for r in stage_runs)
+    for run_id in foreign:
+        assert by_id[run_id].info.status == "RUNNING" and "lightbert.resumed_by" not in by_id[run_id].data.tags
+
+
+def test_run_summary_lists_the_stages_warnings(tmp_path, text_corpus):
+    """A zip named .txt among the corpus files is skipped, and `lightbert run` says so at the end of its
+    summary with the file's name and why (the corpus is built from the text files only)."""
+    import zipfile
+
+    with zipfile.ZipFile(text_corpus / "archive.txt", "w") as z:
+        z.writestr("inner.txt", "some text")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    args = [a for o in tiny_overrides(text_corpus) for a in ("--set", o)]
+    done = subprocess.run(_cli("run", "--preset", "smoke", *args, "--workdir", str(tmp_path / "wd"),
+                               "--until", "corpus"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.split("stage         output", 1)[1]
+    assert "1 warning(s):" in summary
+    assert "archive.txt (binary: a zip archive)" in summary

@@ -143,3 +143,68 @@ def test_server_starts_prefect_and_mlflow_on_loopback_and_ctrl_c_stops_both(tmp_
             proc.wait()
         for port in (prefect_port, mlflow_port):  # servers a failed run left behind (own sessions)
             _kill_sessions_of(f"--port\0{port}\0")
+
+
+@pytest.mark.slow
+def test_ui_prints_and_serves_the_experiments_training_runs_view(prefect_harness, text_corpus, workdir):
+    """`lightbert ui` lands on the experiment's runs table, not on MLflow's GenAI home page: it prints
+    the runs view's URL (the experiment's id, the runs tab, the model-training workflow), the real
+    server answers its base path with the UI whose bundle routes that view, and the experiment carries
+    the kind that makes the UI treat it as model training."""
+    import queue
+    import threading
+
+    import mlflow
+
+    from flows.pipeline import lightbert_pipeline
+
+    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus))
+    lightbert_pipeline(cfg.model_dump(mode="json"), str(workdir), until="corpus", preset="smoke")
+    exp = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name("lightbert")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    lightbert = str(Path(sys.executable).parent / "lightbert")
+    port = _free_port()
+    proc = subprocess.Popen([lightbert, "ui", "--workdir", str(workdir), "--port", str(port), "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 120, []
+        while not any(line.startswith("    http://") for line in seen):
+            assert proc.poll() is None, "".join(seen)[-3000:]
+            assert time.monotonic() < deadline, "lightbert ui printed no URL: " + "".join(seen)[-3000:]
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+        url = next(line for line in seen if line.startswith("    http://")).strip()
+        assert any(f"training runs of experiment 'lightbert' (id {exp.experiment_id})" in line for line in seen)
+        base, _, route = url.partition("#")
+        assert base == f"http://127.0.0.1:{port}/"
+        assert route == f"/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&compareRunsMode=TABLE"
+
+        with urllib.request.urlopen(base, timeout=10) as response:  # the page the browser loads first
+            assert response.status == 200
+            page = response.read().decode()
+        bundle = next(part.split('"')[0] for part in page.split('src="')[1:] if "static/js/main." in part)
+        with urllib.request.urlopen(base + bundle.lstrip("/"), timeout=30) as response:
+            js = response.read().decode()
+        # the UI this server ships routes the printed view: the runs tab, and the two query parameters
+        assert '"/experiments/:experimentId/runs"' in js
+        assert 'e.MACHINE_LEARNING="machine_learning"' in js and 'get("workflowType")' in js
+        assert '"mlflow.experimentKind"' in js and '"custom_model_development"' in js
+        experiments = _api(f"{base}api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
+        served = next(e for e in experiments if e["experiment_id"] == exp.experiment_id)
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in served["tags"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while _listening_addresses(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _listening_addresses(port) == []  # SIGTERM to `lightbert ui` stopped its server too
+
+    unknown = subprocess.run([lightbert, "ui", "--workdir", str(workdir), "--port", str(_free_port()),
+                              "--experiment", "nosuch", "--no-browser"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "--experiment 'nosuch': no such experiment" in unknown.stderr

@@ -221,3 +221,24 @@ def test_empty_validation_split_is_refused(tmp_path):
     with pytest.raises(StageError, match="validation_fraction"):
         run_both(tmp_path / "work", corpus)
     assert not (tmp_path / "work" / "pairs").exists()
+
+
+def test_tokenized_split_streams_chunks_into_int64_offsets(tmp_path):
+    """The flat view of a tokenized split is written one Arrow chunk at a time with int64 offsets (no 2^31
+    limit, no whole-split copy in memory) and memory-mapped; it holds exactly the documents' sentences."""
+    from datasets import Dataset, concatenate_datasets
+
+    from tasks.pairs.build import TOKEN_FEATURES, TokenizedSplit
+
+    rng = np.random.default_rng(0)
+    docs = [[rng.integers(5, 100, size=int(rng.integers(1, 9))).tolist() for _ in range(int(rng.integers(0, 5)))]
+            for _ in range(60)]
+    parts = [Dataset.from_dict({"sentence_ids": docs[i:i + 20]}, features=TOKEN_FEATURES) for i in (0, 20, 40)]
+    ds = concatenate_datasets(parts).select(range(5, 60))  # several chunks, and a sliced first one
+    assert len(ds.data.table.column("sentence_ids").chunks) >= 2
+    split = TokenizedSplit.from_dataset(ds, tmp_path / "flat")
+    assert split.sentence_offsets.dtype == np.int64 and split.document_offsets.dtype == np.int64
+    assert isinstance(split.tokens, np.memmap)
+    assert split.n_documents == 55
+    for d, doc in enumerate(docs[5:]):
+        assert [s.tolist() for s in split.sentences(d)] == doc

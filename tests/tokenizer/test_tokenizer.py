@@ -116,3 +116,38 @@ def test_missing_pretrained_tokenizer_is_a_clear_error(make_config, workdir, cor
 
 def _split(corpus: StageRecord, name: str) -> Dataset:
     return load_from_disk(str(corpus.dir / name))
+
+
+def _cjk_corpus(root: Path, distinct: int = 1500, seed: int = 0) -> StageRecord:
+    """Sentences of CJK characters from a set of `distinct` ones (each used many times), Zipf-like, so
+    the rarer ones fall outside a 1000-character alphabet."""
+    import random
+
+    from helpers import write_corpus
+
+    rng = random.Random(seed)
+    chars = [chr(0x4E00 + i) for i in range(distinct)]
+    weights = [1.0 / (i + 1) ** 0.5 for i in range(distinct)]
+
+    def split(n_docs: int, prefix: str) -> dict[str, list]:
+        docs = [["".join(rng.choices(chars, weights, k=20)) + "。" for _ in range(8)] for _ in range(n_docs)]
+        return {"id": [f"{prefix}{i}" for i in range(n_docs)], "source": ["zh"] * n_docs, "title": [""] * n_docs,
+                "sentences": docs}
+
+    return write_corpus(root, split(300, "train"), split(40, "val"))
+
+
+def test_a_cjk_corpus_keeps_every_character_it_uses(make_config, tmp_path):
+    """A Chinese-like corpus of 1,500 characters: the default alphabet keeps every character the corpus
+    uses, so almost nothing is [UNK]; the old cap of 1,000 characters leaves the rare ones [UNK], which the
+    manifest reports per split and the run summary warns about."""
+    corpus = _cjk_corpus(tmp_path / "corpus")
+    full = build(make_config, tmp_path / "w1", corpus, "tokenizer.vocab_size=4000")
+    counts = full.manifest["counts"]
+    assert counts["unk_rate_train"] < 0.001 and counts["unk_rate_validation"] < 0.005
+    assert "warnings" not in full.manifest["details"]
+    capped = build(make_config, tmp_path / "w2", corpus, "tokenizer.vocab_size=4000", "tokenizer.limit_alphabet=1000")
+    counts = capped.manifest["counts"]
+    assert counts["unk_rate_train"] > 0.005 and counts["unk_rate_validation"] > 0.005
+    warnings = capped.manifest["details"]["warnings"]
+    assert len(warnings) == 2 and "[UNK]" in warnings[0] and "tokenizer.limit_alphabet" in warnings[0]
