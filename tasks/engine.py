@@ -405,6 +405,42 @@ def _progress_bar(enabled: bool, rt: Runtime, cfg: TrainingConfig, step: int):
     return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, leave=False)
 
 
+class _HostBatches(torch.utils.data.IterableDataset):
+    """This rank's micro-batches from `start` on, read and collated on the host, in DataLoader workers: the
+    same sequence _next_micro_batches walks (every world_size-th of the shared stream), so the loop and the
+    workers agree batch for batch. Worker w of n collates every n-th, and the DataLoader hands them out in
+    turn, which keeps the order."""
+
+    def __init__(self, train_data, collate, lengths: np.ndarray, batch_size: int, seed: int,
+                 start: tuple[int, int], rank: int, world: int):
+        self.train_data, self.collate, self.lengths = train_data, collate, lengths
+        self.batch_size, self.seed, self.start, self.rank, self.world = batch_size, seed, start, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = (idx for k, (_, idx) in enumerate(micro_batches(self.lengths, self.batch_size, self.seed, self.start))
+                if k % self.world == self.rank)
+        for j, idx in enumerate(mine):
+            if j % workers == worker:
+                yield self.collate(self.train_data[idx]), len(idx)
+
+
+def _host_batches(train_data, collate, lengths: np.ndarray, cfg: TrainingConfig, seed: int,
+                  start: tuple[int, int], rt: Runtime):
+    """An iterator of (collated host batch, rows) prepared by DataLoader workers, or None when the loop
+    collates itself (training.num_workers 0, the CPU default)."""
+    on_gpu = rt.device.type == "cuda"
+    workers = cfg.num_workers if cfg.num_workers is not None else (2 if on_gpu else 0)
+    if workers == 0:
+        return None
+    dataset = _HostBatches(train_data, collate, lengths, cfg.batch_size, seed, start, rt.rank, rt.world_size)
+    # Its own generator: seeding the workers must not draw from the random numbers training uses (dropout).
+    generator = torch.Generator().manual_seed(seed)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=on_gpu,
+                                            prefetch_factor=cfg.prefetch_factor, generator=generator))
+
+
 def _next_micro_batches(stream: Iterator[tuple[tuple[int, int], np.ndarray]], accum: int, rt: Runtime,
                         position: tuple[int, int]) -> tuple[list[np.ndarray], tuple[int, int]]:
     """One optimizer step's accum x world_size micro-batches of the shared stream: this rank takes every
@@ -428,11 +464,16 @@ def _forward_backward(wrapped: nn.Module, batch: dict[str, torch.Tensor], accum:
 
 
 def _micro_steps(wrapped: nn.Module, train_data, collate, mine: list[np.ndarray], accum: int, rt: Runtime,
-                 window: _LogWindow, flops: _FlopsPerToken | None = None) -> None:
+                 window: _LogWindow, flops: _FlopsPerToken | None = None, host_batches=None) -> None:
     """Forward and backward over this rank's micro-batches, accumulating the mean gradient; DDP
-    all-reduces only at the last. With `flops` still unmeasured, the first micro-batch's FLOPs are counted."""
+    all-reduces only at the last. With `flops` still unmeasured, the first micro-batch's FLOPs are counted.
+    With host_batches, the batches come collated (and pinned) from the DataLoader workers."""
     for j, idx in enumerate(mine):
-        host_batch = collate(train_data[idx])
+        if host_batches is None:
+            host_batch = collate(train_data[idx])
+        else:
+            host_batch, rows = next(host_batches)
+            assert rows == len(idx), "the DataLoader workers left the loop's batch sequence"
         window.count(host_batch, len(idx))
         batch = {k: v.to(rt.device, non_blocking=True) for k, v in host_batch.items()}
         no_sync = rt.distributed and j < len(mine) - 1
@@ -520,6 +561,7 @@ def train(
     peak = gpu_peak_flops(rt.device)
     flops = _FlopsPerToken()  # MFU (on a GPU whose peak is known): counted on the first micro-batch
     stream = micro_batches(lengths, cfg.batch_size, seed, state.position)
+    host_batches = _host_batches(train_data, collate, lengths, cfg, seed, state.position, rt)
     window = _LogWindow()
     train_time, run_tokens, final_losses = 0.0, 0, {}
     bar = _progress_bar(progress, rt, cfg, state.step)
@@ -528,7 +570,8 @@ def train(
     while state.step < cfg.max_steps:
         window.start_step()
         mine, state.position = _next_micro_batches(stream, accum, rt, state.position)
-        _micro_steps(wrapped, train_data, collate, mine, accum, rt, window, flops if peak is not None else None)
+        _micro_steps(wrapped, train_data, collate, mine, accum, rt, window, flops if peak is not None else None,
+                     host_batches)
         _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, window)
         state.step += 1
         window.steps += 1
@@ -558,6 +601,7 @@ def train(
             _save(ckpt_path, model, optimizer, scheduler, state, cfg, seed, rt)
     if bar is not None:
         bar.close()
+    del host_batches  # stops the DataLoader's workers
 
     eval_metrics = _evaluate(model, eval_fn, rt, metrics_sink, state.step)
     return TrainResult(

@@ -56,6 +56,10 @@ class TrainingConfig(Section):
     log_every: int = Field(10, ge=1, description="steps between logged training metrics")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes that read and collate "
+                                    "batches ahead of the loop (pinned memory on a GPU); None = 2 on a GPU, 0 on a "
+                                    "CPU (collated in the loop: the cores are busy training)")
+    prefetch_factor: int = Field(4, ge=1, description="batches each worker keeps ready")
 
     @model_validator(mode="after")
     def _whole_accumulation(self) -> TrainingConfig:

@@ -318,3 +318,39 @@ def test_counted_flops_see_shared_layers_and_loss_positions_only():
     extra = flops(bert, many) - flops(bert, few)
     decoder = 6 * 32 * VOCAB  # forward + backward of the vocabulary projection, per masked row
     assert extra >= 8 * 8 * decoder  # 8 rows x 8 more masked positions, each at least through the decoder
+
+
+def test_dataloader_workers_feed_the_same_batches_as_the_loop(tmp_path: Path):
+    """With training.num_workers, batches are read and collated ahead in worker processes (the GPU's data
+    path); the loop still sees exactly its own sequence, so the weights equal those of collating in the
+    loop, also across a resume from a checkpoint."""
+    data = random_pairs(96, seed=1)
+
+    def run(workers: int, max_steps: int, ckpt: Path | None) -> dict[str, torch.Tensor]:
+        model = tiny_bert(dropout=0.1)
+        cfg = tiny_train_config(max_steps=max_steps, batch_size=4, effective_batch_size=8, checkpoint_every=3,
+                                num_workers=workers, prefetch_factor=2)
+        engine.train(model, pretraining_loss, data, cfg, COLLATE, seed=5, checkpoint_dir=ckpt)
+        return model.state_dict()
+
+    inline = run(0, 10, None)
+    workers = run(2, 10, None)
+    for name, tensor in inline.items():
+        assert torch.equal(tensor, workers[name]), name
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_7(metrics: dict[str, float], step: int | None) -> None:
+        if step == 7:
+            raise Interrupted
+
+    model = tiny_bert(dropout=0.1)
+    cfg = tiny_train_config(max_steps=10, batch_size=4, effective_batch_size=8, checkpoint_every=3, num_workers=2,
+                            prefetch_factor=2)
+    with pytest.raises(Interrupted):  # after the step-6 checkpoint, with the workers ahead of the loop
+        engine.train(model, pretraining_loss, data, cfg, COLLATE, seed=5, checkpoint_dir=tmp_path / "ckpt",
+                     metrics_sink=stop_at_7)
+    resumed = run(2, 10, tmp_path / "ckpt")
+    for name, tensor in inline.items():
+        assert torch.equal(tensor, resumed[name]), name

@@ -309,3 +309,16 @@ def test_mapped_cosine_needs_the_mapped_layers_in_the_cache(smoke_upstream, work
     cfg.distilbert.cos_layers = "mapped"  # past the configuration's checks: the stage itself still refuses
     with pytest.raises(StageError, match="cache.hidden_layers: mapped"):
         run_stage(SPECS["distilbert"], cfg, workdir, smoke_upstream)
+
+
+def test_the_cache_feeds_the_student_through_dataloader_workers(smoke_upstream, tmp_path):
+    """The GPU's data path on the CPU: the cached teacher outputs read and collated by two DataLoader
+    workers train the same student, weight for weight, as reading them in the loop."""
+    args = ("distilbert.train.max_steps=12", "distilbert.train.checkpoint_every=0")
+    inline = run_stage(SPECS["distilbert"], smoke_config(*args), tmp_path / "inline", smoke_upstream)
+    workers = run_stage(SPECS["distilbert"], smoke_config(*args, "distilbert.train.num_workers=2"),
+                        tmp_path / "workers", smoke_upstream)
+    a = AutoModelForMaskedLM.from_pretrained(inline.dir / "model").state_dict()
+    b = AutoModelForMaskedLM.from_pretrained(workers.dir / "model").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
