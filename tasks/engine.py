@@ -50,6 +50,7 @@ from tasks.section import TrainingConfig
 
 CHECKPOINT = "last.pt"
 CHUNK_BATCHES = 64  # batches per length-sorting chunk: long enough to bucket, short enough to stay random
+SHARD_BUFFER = 4  # shards shuffled together when the data is sharded (the teacher cache keeps 16 open)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-6  # BERT's
 # Dense bf16 peak FLOP/s by device name (first match wins); an unknown device reports no MFU.
@@ -147,11 +148,30 @@ def counted_flops(step: Callable[[], Any]) -> tuple[int, Any]:
 # data: length-bucketed batches in an order that is a pure function of (seed, epoch)
 # ------------------------------------------------------------------------------------------------
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                            chunk_batches: int = CHUNK_BATCHES) -> list[np.ndarray]:
+                            chunk_batches: int = CHUNK_BATCHES, shard_starts: np.ndarray | None = None,
+                            shard_buffer: int = SHARD_BUFFER) -> list[np.ndarray]:
     """Index arrays of one epoch's batches: shuffle, sort by length within chunks of chunk_batches
-    batches (little padding), cut into batches, shuffle the batches (no length order over time)."""
+    batches (little padding), cut into batches, shuffle the batches (no length order over time).
+
+    With shard_starts (a dataset stored in shards of consecutive examples, the teacher cache), the epoch
+    goes shard-buffer by shard-buffer instead: the shards in a random order, then within each group of
+    shard_buffer shards the same shuffle, sort and batch, so that reads stay within a few open shards."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
+    if shard_starts is not None and len(shard_starts) > 1:
+        bounds = [*map(int, shard_starts), len(lengths)]
+        shards = rng.permutation(len(shard_starts))
+        batches = []
+        for g in range(0, len(shards), shard_buffer):
+            group = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in shards[g:g + shard_buffer]])
+            group_rng = np.random.default_rng([seed, epoch, g])
+            batches += _bucketed(group[group_rng.permutation(len(group))], lengths, batch_size, chunk_batches,
+                                 group_rng)
+        return batches
+    return _bucketed(rng.permutation(len(lengths)), lengths, batch_size, chunk_batches, rng)
+
+
+def _bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, chunk_batches: int,
+              rng: np.random.Generator) -> list[np.ndarray]:
     chunk = batch_size * chunk_batches
     batches: list[np.ndarray] = []
     for start in range(0, len(order), chunk):
@@ -161,12 +181,12 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epo
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def micro_batches(lengths: np.ndarray, batch_size: int, seed: int,
-                  start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+def micro_batches(lengths: np.ndarray, batch_size: int, seed: int, start: tuple[int, int] = (0, 0),
+                  shard_starts: np.ndarray | None = None) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     """Endless (position after this batch, indices) from position (epoch, batch index) on."""
     epoch, index = start
     while True:
-        batches = length_bucketed_batches(lengths, batch_size, seed, epoch)
+        batches = length_bucketed_batches(lengths, batch_size, seed, epoch, shard_starts=shard_starts)
         for i in range(index, len(batches)):
             yield (epoch, i + 1), batches[i]
         epoch, index = epoch + 1, 0
@@ -419,8 +439,9 @@ class _HostBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = (idx for k, (_, idx) in enumerate(micro_batches(self.lengths, self.batch_size, self.seed, self.start))
-                if k % self.world == self.rank)
+        stream = micro_batches(self.lengths, self.batch_size, self.seed, self.start,
+                               getattr(self.train_data, "shard_starts", None))
+        mine = (idx for k, (_, idx) in enumerate(stream) if k % self.world == self.rank)
         for j, idx in enumerate(mine):
             if j % workers == worker:
                 yield self.collate(self.train_data[idx]), len(idx)
@@ -560,7 +581,7 @@ def train(
 
     peak = gpu_peak_flops(rt.device)
     flops = _FlopsPerToken()  # MFU (on a GPU whose peak is known): counted on the first micro-batch
-    stream = micro_batches(lengths, cfg.batch_size, seed, state.position)
+    stream = micro_batches(lengths, cfg.batch_size, seed, state.position, getattr(train_data, "shard_starts", None))
     host_batches = _host_batches(train_data, collate, lengths, cfg, seed, state.position, rt)
     window = _LogWindow()
     train_time, run_tokens, final_losses = 0.0, 0, {}

@@ -354,3 +354,26 @@ def test_dataloader_workers_feed_the_same_batches_as_the_loop(tmp_path: Path):
     resumed = run(2, 10, tmp_path / "ckpt")
     for name, tensor in inline.items():
         assert torch.equal(tensor, resumed[name]), name
+
+
+def test_sharded_data_is_batched_a_few_shards_at_a_time():
+    """Data stored in shards (the teacher cache) is read in shard order: the epoch visits the shards in a
+    random order, a buffer of SHARD_BUFFER at a time, so the reads stay within a few open shards; every
+    example still comes once per epoch, and the batches are still length-bucketed and shuffled."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 64, size=1000)
+    starts = np.arange(0, 1000, 50)  # 20 shards of 50 examples
+    batches = engine.length_bucketed_batches(lengths, 16, seed=3, epoch=0, chunk_batches=4, shard_starts=starts)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    blocks: list[set[int]] = [set()]
+    for batch in batches:
+        shards = set((batch // 50).tolist())
+        if len(blocks[-1] | shards) > engine.SHARD_BUFFER:
+            blocks.append(set())
+        blocks[-1] |= shards
+    assert len(blocks) == 20 // engine.SHARD_BUFFER  # each buffer of shards is read once, then left
+    assert set().union(*blocks) == set(range(20)) and sum(map(len, blocks)) == 20
+    again = engine.length_bucketed_batches(lengths, 16, seed=3, epoch=1, chunk_batches=4, shard_starts=starts)
+    assert [b.tolist() for b in again] != [b.tolist() for b in batches]  # another order each epoch
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 0.5 * (lengths.max() - lengths.min())  # still bucketed by length

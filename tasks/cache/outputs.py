@@ -231,6 +231,11 @@ class CachedPairs:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """The first example of each shard (the engine batches shard by shard: reads stay local)."""
+        return self._starts
+
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handles
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()
