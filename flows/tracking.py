@@ -31,10 +31,6 @@ RESUMED_BY_TAG = "lightbert.resumed_by"  # on a run a killed pipeline run left R
 CLOSED_RUNS_TAG = "lightbert.closed_runs"  # on a parent run: the runs it closed (comma-separated ids)
 RESUMED_FROM_TAG = "lightbert.resumed_from"  # on a parent run: the killed parent runs it closed
 
-# Tags every run of one pipeline run carries (workdir, host), by run id, with the id of the pipeline
-# run it belongs to: stage and ablation runs inherit them from their parent, so a later run can tell
-# which RUNNING runs are its workdir's. Forgotten when the pipeline run ends.
-_inherited: dict[str, tuple[str, dict[str, str]]] = {}
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -103,26 +99,21 @@ def pipeline_run(cfg: PipelineConfig, workdir: Path, preset: str, until: str | N
     before = os.environ.get("MLFLOW_TRACKING_URI")
     setup_tracking(uri, cfg.run.experiment, workdir)
     name = f"pipeline-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = None
     try:
         with mlflow.start_run(run_name=name) as run:
-            run_id = run.info.run_id
-            inherited = {WORKDIR_TAG: str(Path(workdir).resolve()), HOST_TAG: socket.gethostname()}
-            _inherited[run_id] = (run_id, inherited)
             mlflow.set_tags({
                 "lightbert.kind": "pipeline",
                 "lightbert.preset": preset,
                 "lightbert.until": until or "all",
                 "lightbert.code_version": code_version(),
                 "lightbert.pid": str(os.getpid()),
-                **inherited,
+                WORKDIR_TAG: str(Path(workdir).resolve()),
+                HOST_TAG: socket.gethostname(),
             })
             _log_params(flatten(cfg.model_dump(mode="json")))
             mlflow.log_text(dump_config(cfg), "config.yaml")
-            yield run_id
+            yield run.info.run_id
     finally:
-        for key in [k for k, (root, _) in _inherited.items() if root == run_id]:
-            del _inherited[key]
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -130,17 +121,9 @@ def pipeline_run(cfg: PipelineConfig, workdir: Path, preset: str, until: str | N
 
 
 def _inherited_tags(parent_run_id: str) -> dict[str, str]:
-    """The workdir and host tags of a parent run, for its nested runs (read from the store when this
-    process did not start the parent)."""
-    if parent_run_id in _inherited:
-        return dict(_inherited[parent_run_id][1])
+    """The workdir and host tags of a parent run, which its nested runs carry too."""
     tags = _mlflow().MlflowClient().get_run(parent_run_id).data.tags
     return {k: tags[k] for k in (WORKDIR_TAG, HOST_TAG) if k in tags}
-
-
-def _remember_nested(run_id: str, parent_run_id: str, tags: dict[str, str]) -> None:
-    if parent_run_id in _inherited:
-        _inherited[run_id] = (_inherited[parent_run_id][0], tags)
 
 
 @contextlib.contextmanager
@@ -150,7 +133,6 @@ def stage_run(stage: str, parent_run_id: str) -> Iterator[str]:
     inherited = _inherited_tags(parent_run_id)
     with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
         mlflow.set_tags({"lightbert.stage": stage, **inherited})
-        _remember_nested(run.info.run_id, parent_run_id, inherited)
         yield run.info.run_id
 
 

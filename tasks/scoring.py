@@ -322,10 +322,6 @@ class PretrainingTotals:
         return self.pair_correct / max(self.pairs, 1.0)
 
     @property
-    def pair_interval(self) -> tuple[float, float]:
-        return wilson_interval(self.pair_correct, self.pairs)
-
-    @property
     def majority_accuracy(self) -> float:
         """What always answering the more frequent pair label scores: the chance level to beat (a small
         validation split is rarely exactly half swapped)."""

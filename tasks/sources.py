@@ -198,8 +198,8 @@ def screen_file(path: Path) -> tuple[str | None, float]:
             if offset > len(head):
                 f.seek(offset)
                 windows.append(f.read(SCREEN_WINDOW))
-    if not head.strip():
-        return ("empty", 0.0) if size <= len(head) or not b"".join(windows).strip() else (None, 0.0)
+    if size <= len(head) and not head.strip():
+        return "empty", 0.0
     kind = next((what for magic, what in BINARY_SIGNATURES.items() if head.startswith(magic)), None)
     if kind is None and b"\x00" in head:
         kind = "binary data (it holds NUL bytes)"

@@ -165,7 +165,7 @@ def copy_pretrained(source: str, out_dir: Path) -> PreTrainedTokenizerBase:
 def build_tokenizer(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     corpus_dir = ctx.upstream_dir("corpus")
-    validation = load_split(corpus_dir, "validation")
+    train, validation = load_split(corpus_dir, "train"), load_split(corpus_dir, "validation")
     counts: dict[str, float] = {}
     if cfg.teacher.pretrained:
         src = resolve_teacher_source(cfg.teacher.pretrained, cfg.run.resolved_cache_dir())
@@ -174,7 +174,6 @@ def build_tokenizer(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         details = {"source": f"pretrained tokenizer of {cfg.teacher.pretrained} (not trained)",
                    "provenance": {k: v for k, v in src.provenance.items() if k != "members"}}
     else:
-        train = load_split(corpus_dir, "train")
         if train is None:
             raise StageError(f"the corpus has no training documents ({corpus_dir / 'train'}); "
                              "check corpus.sources")
@@ -186,7 +185,6 @@ def build_tokenizer(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     if validation is not None:  # the pairs stage refuses a corpus without one; nothing to measure here
         counts.update(measure_on_sentences(tok, iter_sentence_batches(validation)))
         counts["unk_rate_validation"] = counts["unk_rate"]
-    train = load_split(corpus_dir, "train")
     if train is not None:
         sample = measure_on_sentences(tok, iter_sentence_batches(train), UNK_SAMPLE_SENTENCES)
         counts["unk_rate_train"] = sample["unk_rate"]
