@@ -387,18 +387,11 @@ def _all_reduced(totals: PretrainingTotals, device) -> PretrainingTotals:
     return PretrainingTotals(**{n: summed[n] for n in names[:-1]}, has_pair_head=summed["has_pair_head"] > 0)
 
 
-def most_frequent_label(ds, column: str = "labels") -> int:
-    """The masked-LM label a predictor that ignores its input would always answer (fit on `ds`)."""
-    import pyarrow.compute as pc
-
-    from models.bert import IGNORE_INDEX
-
-    flat = pc.list_flatten(ds.data.table.column(column))
-    counts = pc.value_counts(flat.filter(pc.not_equal(flat, IGNORE_INDEX)))
-    if len(counts) == 0:
-        return -1
-    top = int(np.argmax(counts.field("counts").to_numpy()))
-    return int(counts.field("values")[top].as_py())
+def most_frequent_label(ds, view: str = "nsp") -> int:
+    """The masked-LM label a predictor that ignores its input would always answer (fit on `ds`, a pairs
+    split: tasks.pairs.outputs.PairsSplit)."""
+    counts = ds.label_counts(view)
+    return int(np.argmax(counts)) if counts.sum() else -1
 
 
 def masked_lm_metrics(totals: PretrainingTotals, pair_task: str = "nsp", with_baseline: bool = False) -> dict[str, float]:

@@ -188,3 +188,57 @@ def check_report(report: dict, models: list[str], seeds: list[int]) -> None:
         assert e["speedup"]["cpu_latency"] == teacher["cpu_latency_ms"] / e["cpu_latency_ms"]
         assert e["parameter_ratio"] == e["parameters"] / teacher["parameters"]
     assert teacher["speedup"]["cpu_latency"] == 1.0
+
+
+
+def write_pairs_rows(split_dir: Path, rows: list[dict], cls_id: int, sep_id: int, vocab: int) -> None:
+    """A pairs-stage split (tasks/pairs/outputs.py's format, one shard) from rows of: a, b_prime, b (the
+    original segments; b None when B' is B), chosen (masked positions in the run a + b_prime [+ b]),
+    inputs (the run as the model sees it), random_next, swapped, doc, b_doc."""
+    import numpy as np
+
+    from tasks.pairs import outputs
+
+    runs = [np.asarray(r["inputs"]) for r in rows]
+    originals = [np.concatenate([r["a"], r["b_prime"]] + ([] if r["b"] is None else [r["b"]])) for r in rows]
+    chosen = [np.asarray(r["chosen"], dtype=np.int64) for r in rows]
+    arrays = {
+        "tokens": np.concatenate(runs).astype(np.uint16),
+        "offsets": np.concatenate([[0], np.cumsum([len(x) for x in runs])]).astype(np.int64),
+        "lengths": np.array([(len(r["a"]), len(r["b_prime"]), 0 if r["b"] is None else len(r["b"])) for r in rows],
+                            dtype=np.uint16),
+        "label_offsets": np.concatenate([[0], np.cumsum([len(c) for c in chosen])]).astype(np.int64),
+        "label_positions": np.concatenate(chosen).astype(np.uint16),
+        "label_ids": np.concatenate([o[c] for o, c in zip(originals, chosen, strict=True)]).astype(np.uint16),
+        "next_sentence_label": np.array([r["random_next"] for r in rows], dtype=np.int8),
+        "sentence_order_label": np.array([r["swapped"] for r in rows], dtype=np.int8),
+        "doc_index": np.array([r["doc"] for r in rows], dtype=np.int64),
+        "nsp_b_doc_index": np.array([r["b_doc"] for r in rows], dtype=np.int64),
+    }
+    split_dir.mkdir(parents=True, exist_ok=True)
+    outputs.write_shard(split_dir / "shard-00000", arrays)
+    outputs.write_split_file(split_dir, [{"dir": "shard-00000", "examples": len(rows)}],
+                             {"cls_token_id": cls_id, "sep_token_id": sep_id, "vocab_size": vocab})
+
+
+def write_pairs(split_dir: Path, n: int, seed: int, vocab: int, cls_id: int = 2, sep_id: int = 3,
+                mask_id: int = 4) -> None:
+    """n hand-made examples over token ids 5..vocab-1, varied lengths: every 7th example (3, 10, ...) has
+    no masked position, every 5th a random B', about half swapped."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row in range(n):
+        a, b = (rng.integers(5, vocab, size=int(rng.integers(2, 19))) for _ in range(2))
+        random_next = row % 5 == 1
+        b_prime = rng.integers(5, vocab, size=int(rng.integers(2, 19))) if random_next else b
+        run = np.concatenate([a, b_prime, b] if random_next else [a, b])
+        chosen = np.zeros(0, dtype=np.int64) if row % 7 == 3 else \
+            np.sort(rng.choice(len(run), size=max(1, round(0.15 * len(run))), replace=False))
+        inputs = run.copy()
+        inputs[chosen[rng.random(len(chosen)) < 0.8]] = mask_id
+        rows.append({"a": a, "b_prime": b_prime, "b": b if random_next else None, "chosen": chosen, "inputs": inputs,
+                     "random_next": int(random_next), "swapped": int(rng.random() < 0.5), "doc": row,
+                     "b_doc": (row + 1) % n if random_next else row})
+    write_pairs_rows(split_dir, rows, cls_id, sep_id, vocab)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from torch import nn
 from transformers import AlbertConfig, AlbertForPreTraining, AutoTokenizer, BertConfig
 
@@ -53,6 +52,7 @@ from tasks.cache.outputs import (
 )
 from tasks.config import PipelineConfig
 from tasks.pairs import outputs as pairs
+from tasks.pairs.outputs import PairsSplit
 from tasks.scoring import wilson_interval
 from tasks.stage import StageContext, StageError, StageReport
 from tasks.teacher.outputs import load_saved
@@ -85,7 +85,7 @@ class RealTokenCount:
         return batch
 
 
-def evaluate_albert(model: AlbertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
+def evaluate_albert(model: AlbertForPreTraining, ds: PairsSplit, collate: engine.PadCollator, batch_size: int,
                     rt: engine.Runtime) -> dict[str, float]:
     """Held-out MLM accuracy / loss / perplexity over every masked token and SOP accuracy over every
     example of the SOP view, with the SOP accuracy's 95% Wilson interval and the accuracy of always
@@ -199,7 +199,7 @@ def check_distillation_inputs(cfg: PipelineConfig, cache_dir: Path, teacher: Ber
 
 
 def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: AlbertConfig, tok,
-                  teacher: BertConfig, val_ds: Dataset, collate: engine.PadCollator,
+                  teacher: BertConfig, val_ds: PairsSplit, collate: engine.PadCollator,
                   soft_labels: bool = True) -> dict[str, Any]:
     """Train, evaluate and save one variant; returns its result (also written to <variant>/result.json)."""
     acfg = cfg.albert

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
-from datasets import Dataset
 from transformers import BertConfig, BertForPreTraining, BertModel
 
 from models.distilbert import resolve_layer_map
@@ -52,7 +50,7 @@ from tasks.cache.outputs import (
 )
 from tasks.config import PipelineConfig
 from tasks.pairs import outputs as pairs_output
-from tasks.pairs.outputs import LENGTH_COLUMN, VIEW_COLUMNS
+from tasks.pairs.outputs import LENGTH_COLUMN, VIEW_COLUMNS, PairsSplit
 from tasks.stage import StageContext, StageError, StageReport, read_manifest
 from tasks.teacher.outputs import load_saved
 
@@ -105,15 +103,14 @@ def resolve_layers(setting: str | list[int], num_layers: int, cfg: PipelineConfi
     return layers
 
 
-def part_size(ds: Dataset, view: str, positions: str, examples_per_shard: int, soft_labels: bool = True) -> PartSize:
+def part_size(ds: PairsSplit, view: str, positions: str, examples_per_shard: int, soft_labels: bool = True) -> PartSize:
     tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
     if not soft_labels:
         n_positions = 0
     elif positions == "all":
         n_positions = tokens
     else:
-        labels = pc.list_flatten(ds.data.table.column(VIEW_COLUMNS[view][3]))
-        n_positions = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+        n_positions = int(ds.label_counts(view).sum())
     return PartSize(len(ds), tokens, n_positions, math.ceil(len(ds) / examples_per_shard))
 
 

@@ -73,7 +73,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertForPreTraining, BertModel, DistilBertForMaskedLM
 
@@ -84,6 +83,7 @@ from tasks.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from tasks.config import PipelineConfig
 from tasks.downstream import data as downstream
 from tasks.pairs import outputs as pairs
+from tasks.pairs.outputs import PairsSplit
 from tasks.pipeline import MODEL_NAMES, REGISTERED_NAMES, STAGES, task_registered_name
 from tasks.scoring import wilson_interval
 from tasks.stage import StageContext, StageError, StageReport, read_manifest, saved_models
@@ -142,13 +142,13 @@ def disk_bytes(path: Path) -> int:
 # ------------------------------------------------------------------------------------------------
 # held-out masked LM and sentence-pair tasks
 # ------------------------------------------------------------------------------------------------
-def load_view(pairs_dir: Path, view: str, max_examples: int | None = None) -> Dataset:
+def load_view(pairs_dir: Path, view: str, max_examples: int | None = None) -> PairsSplit:
     """The validation split's `view` (nsp | sop) under the view-neutral column names of VIEWS."""
     ds = pairs.load_split(pairs_dir, "validation", views=[view], columns=list(VIEWS[view]), max_examples=max_examples)
     return ds.rename_columns(VIEWS[view])
 
 
-def score_view(model: nn.Module, family: str, ds: Dataset, pad_id: int, batch_size: int, rt: engine.Runtime,
+def score_view(model: nn.Module, family: str, ds: PairsSplit, pad_id: int, batch_size: int, rt: engine.Runtime,
                with_mlm: bool) -> dict[str, Any]:
     """Masked LM accuracy / perplexity (with_mlm) and the sentence-pair head's accuracy on one view."""
     collate = engine.PadCollator(BATCH_COLUMNS, {"input_ids": pad_id, "labels": IGNORE_INDEX})
@@ -595,7 +595,7 @@ def models_to_evaluate(cfg: PipelineConfig, ctx: StageContext) -> list[dict[str,
     return [found[n] for n in MODEL_NAMES if n in wanted]
 
 
-def evaluate_one(spec: dict[str, Any], cfg: PipelineConfig, views: dict[str, Dataset], sentences: list[str],
+def evaluate_one(spec: dict[str, Any], cfg: PipelineConfig, views: dict[str, PairsSplit], sentences: list[str],
                  embedding: dict[str, Any], rt: engine.Runtime, progress: Callable[[str], None]) -> dict[str, Any]:
     """Everything measured on one model itself (size, MLM, sentence pairs, embeddings, speed)."""
     ecfg = cfg.evaluate
@@ -806,20 +806,25 @@ def task_model_entries(ctx: StageContext, entries: list[dict[str, Any]], protoco
     return out
 
 
-def score_view_baseline(ds: Dataset) -> float:
+def score_view_baseline(ds: PairsSplit) -> float:
     labels = np.asarray(ds["pair_label"])
     positive = float(labels.sum())
     return max(positive, len(labels) - positive) / max(len(labels), 1)
 
 
-def commonest_token_share(ds: Dataset) -> float:
+def commonest_token_share(ds: PairsSplit) -> float:
     """Accuracy of always answering the commonest masked token of these pairs (an upper bound of any
     context-free guess fitted elsewhere): the floor MLM accuracy is read against."""
-    tokens = np.array([t for row in ds["labels"] for t in row if t != IGNORE_INDEX])
+    tokens = _masked_labels(ds)
     return float(np.bincount(tokens).max() / len(tokens)) if len(tokens) else 0.0
 
 
-def count_masked(ds: Dataset) -> int:
-    return int(sum(sum(1 for t in row if t != IGNORE_INDEX) for row in ds["labels"]))
+def count_masked(ds: PairsSplit) -> int:
+    return len(_masked_labels(ds))
+
+
+def _masked_labels(ds: PairsSplit) -> np.ndarray:
+    labels = np.concatenate([np.zeros(0, dtype=np.int64), *(np.asarray(row) for row in ds["labels"])])
+    return labels[labels != IGNORE_INDEX]
 
 

@@ -20,6 +20,9 @@ class PairsConfig(Section):
     dupe_factor: int = Field(5, ge=1, description="copies of the data with different masks")
     nsp_random_prob: float = Field(0.5, gt=0.0, lt=1.0, description="share of NSP pairs with a random B")
     sop_swap_prob: float = Field(0.5, gt=0.0, lt=1.0, description="share of SOP pairs swapped")
+    chunk_documents: int = Field(
+        1000, ge=2, description="documents per shard: the unit of work and of memory (a worker holds one chunk), "
+        "and the pool random next sentences are drawn from")
 
     @model_validator(mode="after")
     def _probabilities(self) -> PairsConfig:

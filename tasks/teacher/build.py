@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -42,6 +41,7 @@ from models.bert import (
 from tasks import engine, scoring
 from tasks.config import PipelineConfig
 from tasks.pairs import outputs as pairs
+from tasks.pairs.outputs import PairsSplit
 from tasks.sources import resolve_teacher_source
 from tasks.stage import StageContext, StageError, StageReport
 from tasks.teacher import STAGE
@@ -60,7 +60,7 @@ def pretraining_collator(tok: PreTrainedTokenizerBase, pad_to_multiple_of: int =
                               pad_to_multiple_of)
 
 
-def evaluate_pretraining(model: BertForPreTraining, ds: Dataset, collate: engine.PadCollator, batch_size: int,
+def evaluate_pretraining(model: BertForPreTraining, ds: PairsSplit, collate: engine.PadCollator, batch_size: int,
                          rt: engine.Runtime, baseline_token: int | None = None) -> dict[str, float]:
     """The teacher's held-out MLM and NSP metrics (scoring.score_pretraining with BERT's pretraining forward)."""
 
@@ -133,7 +133,7 @@ def what_it_teaches(mlm_head: str, nsp_head_trained: bool) -> tuple[list[str], s
                      + ("; its NSP head is trained" if nsp_head_trained else "; no trained NSP head"))
 
 
-def fit_mlm_head(model: BertForPreTraining, cfg: PipelineConfig, ctx: StageContext, train_ds: Dataset,
+def fit_mlm_head(model: BertForPreTraining, cfg: PipelineConfig, ctx: StageContext, train_ds: PairsSplit,
                  collate: engine.PadCollator, evaluate: Callable[[BertForPreTraining, engine.Runtime], dict]
                  ) -> engine.TrainResult:
     """Fit BERT's prediction head (transform + LayerNorm + bias; decoder tied to the word embeddings) on

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from helpers import write_pairs
 
 from models.bert import bert_config, build_bert_for_pretraining
 from tasks import engine
@@ -22,7 +22,7 @@ from tasks.artifacts import hash_tree, sha256_json
 from tasks.cache import build as cache
 from tasks.cache.outputs import CACHE_MANIFEST, CachedPairs, soft_targets
 from tasks.config import ConfigError
-from tasks.pairs.build import FEATURES
+from tasks.pairs.outputs import load_split
 from tasks.pipeline import SPECS
 from tasks.section import TrainingConfig
 from tasks.stage import PARTIAL, StageError, StageRecord, run_stage
@@ -39,39 +39,6 @@ def record(name: str, root: Path) -> StageRecord:
                        reason="made by the test")
 
 
-def masked_view(rng: np.random.Generator, first: list[int], second: list[int], mask_none: bool):
-    tokens = [CLS, *first, SEP, *second, SEP]
-    words = [i for i, t in enumerate(tokens) if t not in (CLS, SEP)]
-    chosen = set() if mask_none else set(rng.choice(words, size=max(1, round(0.15 * len(words))),
-                                                    replace=False).tolist())
-    labels = [t if i in chosen else -100 for i, t in enumerate(tokens)]
-    inputs = [MASK if i in chosen and rng.random() < 0.8 else t for i, t in enumerate(tokens)]
-    types = [0] * (len(first) + 2) + [1] * (len(second) + 1)
-    return inputs, types, [1] * len(tokens), labels
-
-
-def pairs_columns(n: int, seed: int) -> dict[str, list]:
-    """Rows with the pairs schema (both views) and varied lengths; every 7th has no masked position."""
-    rng = np.random.default_rng(seed)
-    cols: dict[str, list] = {name: [] for name in FEATURES}
-    for row in range(n):
-        a = rng.integers(5, VOCAB, size=int(rng.integers(2, 19))).tolist()
-        b = rng.integers(5, VOCAB, size=int(rng.integers(2, 19))).tolist()
-        swapped = int(rng.random() < 0.5)
-        nsp = masked_view(rng, a, b, mask_none=row % 7 == 3)
-        sop = masked_view(rng, *((b, a) if swapped else (a, b)), mask_none=False)
-        for prefix, view in (("", nsp), ("sop_", sop)):
-            for name, values in zip(("input_ids", "token_type_ids", "attention_mask", "labels"), view, strict=True):
-                cols[prefix + name].append(values)
-        cols["next_sentence_label"].append(0)
-        cols["sentence_order_label"].append(swapped)
-        cols["doc_index"].append(row)
-        cols["nsp_b_doc_index"].append(row)
-        cols["length"].append(len(nsp[0]))
-        cols["sop_length"].append(len(sop[0]))
-    return cols
-
-
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> dict[str, StageRecord]:
     root = tmp_path_factory.mktemp("up")
@@ -79,7 +46,7 @@ def upstream(tmp_path_factory) -> dict[str, StageRecord]:
     teacher = build_bert_for_pretraining(bert_config(VOCAB, HIDDEN, LAYERS, 2, 64, 64, pad_token_id=PAD, dropout=0.0))
     teacher.save_pretrained(root / "teacher" / "model", safe_serialization=True)
     for split, n, seed in (("train", 70, 0), ("validation", 20, 1)):
-        Dataset.from_dict(pairs_columns(n, seed), features=FEATURES).save_to_disk(str(root / "pairs" / split))
+        write_pairs(root / "pairs" / split, n, seed, VOCAB, CLS, SEP, MASK)
     return {"teacher": record("teacher", root / "teacher"), "pairs": record("pairs", root / "pairs")}
 
 
@@ -123,7 +90,7 @@ def test_cached_outputs_equal_a_fresh_teacher_forward(make_config, workdir, upst
                        ("sop", ("sop_input_ids", "sop_token_type_ids", "sop_attention_mask", "sop_labels"))):
         if view not in views:
             continue
-        pairs = load_from_disk(str(upstream["pairs"].dir / "train"))
+        pairs = load_split(upstream["pairs"].dir, "train")
         loader = CachedPairs(rec.dir, pairs, "train", view)
         lengths = np.asarray(pairs["length" if view == "nsp" else "sop_length"])
         chosen = padded_examples(lengths, 256, 16, 4) + [int(np.argmin(lengths)), 3]  # 3: no masked position
@@ -275,7 +242,7 @@ def test_killed_stage_resumes_without_redoing_finished_shards(make_config, workd
 def test_loader_opens_only_the_shards_it_needs_and_feeds_the_engine(make_config, workdir, upstream):
     rec = run_stage(SPECS["cache"], make_config(*SMALL, "cache.examples_per_shard=8", "cache.splits=[train]"),
                     workdir, upstream)
-    pairs = load_from_disk(str(upstream["pairs"].dir / "train"))
+    pairs = load_split(upstream["pairs"].dir, "train")
     loader = CachedPairs(rec.dir, pairs, "train", max_open_shards=2)
     assert len(loader.shards) == 9 and len(loader) == 70
     loader[10], loader[44]
@@ -285,7 +252,7 @@ def test_loader_opens_only_the_shards_it_needs_and_feeds_the_engine(make_config,
     with pytest.raises(KeyError, match="no validation/nsp"):
         CachedPairs(rec.dir, pairs, "validation")
     with pytest.raises(ValueError, match="different pairs outputs"):
-        CachedPairs(rec.dir, pairs.select(range(10)), "train")
+        CachedPairs(rec.dir, pairs.head(10), "train")
 
     # the engine batches it as it batches the plain pairs: a distillation-shaped loss trains
     def loss_fn(model, batch):

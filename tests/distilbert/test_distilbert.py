@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
-from test_cache import VOCAB, pairs_columns
+from helpers import write_pairs
+from test_cache import CLS, MASK, SEP, VOCAB
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertForPreTraining, pipeline
 
 from models.bert import bert_config, build_bert_for_pretraining
@@ -29,7 +29,7 @@ from tasks.artifacts import hash_tree, sha256_json
 from tasks.cache.outputs import CachedPairs
 from tasks.config import ConfigError, load_config
 from tasks.distilbert import build as distilbert
-from tasks.pairs.build import FEATURES
+from tasks.pairs.outputs import load_split
 from tasks.pipeline import SPECS, stages_until
 from tasks.stage import StageError, StageRecord, read_manifest, run_stage
 from tasks.teacher.outputs import load_saved
@@ -156,7 +156,7 @@ def test_cached_and_online_paths_give_the_same_loss(make_config, workdir, tmp_pa
     up = tmp_path / "up"
     t = tiny_teacher(layers=4)
     t.save_pretrained(up / "teacher" / "model", safe_serialization=True)
-    Dataset.from_dict(pairs_columns(40, 0), features=FEATURES).save_to_disk(str(up / "pairs" / "train"))
+    write_pairs(up / "pairs" / "train", 40, 0, VOCAB, CLS, SEP, MASK)
     upstream = {"teacher": record("teacher", up / "teacher"), "pairs": record("pairs", up / "pairs")}
     cfg = make_config(f"cache.top_k={VOCAB}", "cache.hidden_layers=mapped", "cache.splits=[train]",
                       "cache.examples_per_shard=16", "cache.batch_tokens=256", "distilbert.num_layers=2")
@@ -171,7 +171,7 @@ def test_cached_and_online_paths_give_the_same_loss(make_config, workdir, tmp_pa
     with torch.no_grad():  # move the student away from the teacher so that every term is well above 0
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    pairs_ds = load_from_disk(str(up / "pairs" / "train"))
+    pairs_ds = load_split(up / "pairs", "train")
     data = CachedPairs(rec.dir, pairs_ds, "train", "nsp")
     rows = list(range(0, 24))  # rows 3, 10 and 17 have no masked position
     cached_batch = data.collator(PAD)(data[rows])

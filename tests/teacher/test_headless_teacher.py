@@ -15,6 +15,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from models.distilbert import FRESH_HEAD
 from tasks.cache.outputs import CACHE_MANIFEST, CachedPairs, read_cache_manifest
+from tasks.pairs.outputs import load_split
 from tasks.pipeline import SPECS
 from tasks.stage import StageError, StageRecord, run_stage
 from tasks.teacher.outputs import load_saved
@@ -67,7 +68,7 @@ def test_cache_holds_hidden_states_only(stages):
     f = safe_open(str(rec.dir / shard), framework="numpy")
     assert f.get_tensor("topk_ids").shape == (0, 0) and f.get_tensor("hidden_2").shape[1] == 32
     # the cached last layer is the encoder's own output
-    pairs = __import__("datasets").load_from_disk(str(stages["up"]["pairs"].dir / "train"))
+    pairs = load_split(stages["up"]["pairs"].dir, "train")
     data = CachedPairs(rec.dir, pairs, "train", "nsp")
     assert not data.has_soft_labels
     encoder = load_saved(stages["up"]["teacher"].dir).load_model()
