@@ -6,9 +6,10 @@ two ways, each with the shared training engine, and evaluate both on the validat
       L = a_ce * Lce + a_mlm * Lmlm + a_sop * Lsop + a_cos * Lcos
   Lce on the teacher's cached top-k support at temperature T, Lmlm on the true tokens (models/losses.py,
   as DistilBERT), Lsop on the order label, and Lcos between the student's last hidden states and the
-  teacher's last layer, at the positions the cache keeps them (cache.hidden_positions); when the hidden sizes differ the student's side goes through a
-  learned nn.Linear(H_student, H_teacher), trained with the student and dropped at save. A teacher without
-  an MLM head (teacher.mlm_head: none) has no soft labels: Lce is dropped and the result says so.
+  teacher's last layer, at the positions the cache keeps them (cache.hidden_positions); when the hidden
+  sizes differ the student's side goes through a learned nn.Linear(H_student, H_teacher), trained with the
+  student and dropped at save. A teacher without an MLM head (teacher.mlm_head: none) has no soft labels:
+  Lce is dropped and the result says so.
 
 Both variants start from the same initial weights and see the same batch order (same seed), so their
 difference is the teacher. Output per variant: `<variant>/model/` (save_pretrained safetensors + the

@@ -244,8 +244,9 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     def sink(metrics: dict[str, float], step: int | None) -> None:
         ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
 
+    loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions)
     result = engine.train(
-        student, make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions), data, d.train, collate, seed=ctx.seed,
+        student, loss_fn, data, d.train, collate, seed=ctx.seed,
         checkpoint_dir=run_dir / CHECKPOINTS, runtime=rt, metrics_sink=sink, progress=cfg.run.progress,
         eval_fn=lambda m, rt: scoring.masked_lm_metrics(scoring.score_pretraining(
             m, scoring.masked_lm_predictor(m, "distilbert"), inp.val_ds, eval_collate, eval_batch, rt, pair_label=None)))

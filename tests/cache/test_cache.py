@@ -141,7 +141,7 @@ def test_cached_outputs_equal_a_fresh_teacher_forward(make_config, workdir, upst
     manifest = json.loads((rec.dir / CACHE_MANIFEST).read_text())
     assert manifest["layers"] == want_layers and manifest["top_k"] == top_k and manifest["version"] == 2
     assert manifest["hidden_positions"] == hidden_at
-    assert manifest["tensors"]["topk_ids"]["dtype"] == "uint16" and manifest["tensors"]["positions"]["dtype"] == "uint16"
+    assert manifest["tensors"]["topk_ids"]["dtype"] == manifest["tensors"]["positions"]["dtype"] == "uint16"
     assert manifest["teacher"]["fingerprint"] == upstream["teacher"].fingerprint
     assert manifest["pairs"]["fingerprint"] == upstream["pairs"].fingerprint
     for rel, meta in manifest["shard_files"].items():  # the manifest's checksums are the files'
