@@ -90,11 +90,13 @@ def main() -> None:
         pairs_ = distilbert.cos_layer_pairs(d.cos_layers, layer_map, t.num_layers)
         run = distilbert.configured_run(cfg)
         cached = CachedPairs(rec.dir, ds, "train", "nsp")
-        cached_fn = distilbert.make_loss_fn(replace(run, mode="cached"), pairs_, cfg.cache.positions)
+        cached_fn = distilbert.make_loss_fn(replace(run, mode="cached"), pairs_, cfg.cache.positions,
+                                             hidden_positions=cfg.cache.hidden_positions)
         tok_cached, mfu_cached = timed_training(student, cached_fn, cached, cached.collator(PAD, multiple),
                                                 train_cfg, rt)
         teacher.eval().to(rt.device)
-        online_fn = distilbert.make_loss_fn(replace(run, mode="online"), pairs_, cfg.cache.positions, teacher)
+        online_fn = distilbert.make_loss_fn(replace(run, mode="online"), pairs_, cfg.cache.positions, teacher,
+                                             cfg.cache.hidden_positions)
         online_collate = engine.PadCollator(distilbert.TEACHER_INPUTS, {"input_ids": PAD, "labels": -100}, multiple)
         tok_online, mfu_online = timed_training(student, online_fn, ds, online_collate, train_cfg, rt)
 

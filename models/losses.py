@@ -18,9 +18,10 @@ keeps the gradient scale independent of T (Hinton et al. 2015). Positions: those
 masked positions by default (as DistilBERT's code).
 
 Lmlm: cross-entropy of the student's full-vocabulary logits against the true tokens at the masked positions.
-Lcos: 1 - cosine(student hidden, teacher hidden) averaged over the real (non-padding) tokens, for one
-pair of layers (the last ones, as DistilBERT's code) or averaged over several (each student layer and
-its mapped teacher layer).
+Lcos: 1 - cosine(student hidden, teacher hidden) averaged over the compared tokens, for one pair of
+layers (the last ones, as DistilBERT's code) or averaged over several (each student layer and its mapped
+teacher layer). DistilBERT's code compares every real token; the teacher cache keeps hidden states at the
+masked positions by default (cache.hidden_positions), and the students then compare those.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ def gather_support(student_logits: torch.Tensor, support_ids: torch.Tensor) -> t
 
 
 def cosine_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                token_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layer pairs of mean over real tokens of 1 - cos(student, teacher); (B, T, H) each,
-    token_mask (B, T) True at real tokens."""
-    where = token_mask.bool()
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layer pairs of mean over tokens of 1 - cos(student, teacher). Either (B, T, H) each and
+    token_mask (B, T) True at the tokens to compare, or no mask and (P, H) rows of the same P tokens."""
+    where = None if token_mask is None else token_mask.bool()
     losses = []
     for s, t in zip(student_hidden, teacher_hidden, strict=True):
-        s_tok, t_tok = s[where].float(), t[where].float()
+        if where is not None:
+            s, t = s[where], t[where]
+        s_tok, t_tok = s.float(), t.float()
         if s_tok.shape[0] == 0:
             losses.append(s_tok.sum() * 0.0)
             continue

@@ -6,9 +6,10 @@ two ways, each with the shared training engine, and evaluate both on the validat
       L = a_ce * Lce + a_mlm * Lmlm + a_sop * Lsop + a_cos * Lcos
   Lce on the teacher's cached top-k support at temperature T, Lmlm on the true tokens (models/losses.py,
   as DistilBERT), Lsop on the order label, and Lcos between the student's last hidden states and the
-  teacher's last layer (cached, fp16); when the hidden sizes differ the student's side goes through a
-  learned nn.Linear(H_student, H_teacher), trained with the student and dropped at save. A teacher without
-  an MLM head (teacher.mlm_head: none) has no soft labels: Lce is dropped and the result says so.
+  teacher's last layer, at the positions the cache keeps them (cache.hidden_positions); when the hidden
+  sizes differ the student's side goes through a learned nn.Linear(H_student, H_teacher), trained with the
+  student and dropped at save. A teacher without an MLM head (teacher.mlm_head: none) has no soft labels:
+  Lce is dropped and the result says so.
 
 Both variants start from the same initial weights and see the same batch order (same seed), so their
 difference is the teacher. Output per variant: `<variant>/model/` (save_pretrained safetensors + the
@@ -135,8 +136,8 @@ def distillation_loss_fn(acfg: AlbertSectionConfig, teacher_layer: int, soft_lab
     def loss_fn(student: DistillationStudent, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         soft = batch["teacher_position_mask"]
         out = albert_forward(student.albert, batch, extra_positions=soft if soft_labels else None)
-        cos = cosine_loss([student.projection(out.last_hidden_state)], [batch[hidden_key]],
-                          batch["sop_attention_mask"])
+        student_rows = out.last_hidden_state[batch["teacher_hidden_mask"]]  # aligned with the cached rows
+        cos = cosine_loss([student.projection(student_rows)], [batch[hidden_key]])
         loss = acfg.alpha_mlm * out.mlm_loss + acfg.alpha_sop * out.sop_loss + acfg.alpha_cos * cos
         terms = {"mlm_loss": out.mlm_loss.detach(), "sop_loss": out.sop_loss.detach(), "cos_loss": cos.detach()}
         if soft_labels:
@@ -188,6 +189,9 @@ def check_distillation_inputs(cfg: PipelineConfig, cache_dir: Path, teacher: Ber
     if "train" not in manifest["splits"] or "sop" not in manifest["splits"]["train"]:
         raise StageError("the teacher cache holds no train/sop part: cache.splits must include train and "
                          "cache.views must include sop; rerun the cache stage")
+    if manifest["hidden_positions"] == "none":
+        raise StageError("albert's distilled variant matches the teacher's last hidden layer (Lcos), but the cache "
+                         "keeps no hidden states (cache.hidden_positions: none): set it to masked or all")
     if teacher.num_hidden_layers not in manifest["layers"]:
         raise StageError(f"the teacher cache holds hidden layers {manifest['layers']} but not the teacher's last "
                          f"({teacher.num_hidden_layers}), which Lcos matches; set cache.hidden_layers to 'last' "

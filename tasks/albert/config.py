@@ -61,6 +61,9 @@ def check_cache(cfg) -> None:
             f"albert.variants includes 'distilled', which learns from the teacher's soft labels for the SOP view "
             f"of the train split, but cache.views is {c.views} and cache.splits is {c.splits}: add sop and train "
             "(--set cache.views=[nsp,sop]) or drop 'distilled' from albert.variants")
+    if c.hidden_positions == "none":
+        raise ValueError("albert.variants includes 'distilled', whose Lcos matches the teacher's last hidden layer, "
+                         "but cache.hidden_positions is none: set it to masked or all")
     layers = c.hidden_layers
     if isinstance(layers, list) and not cfg.teacher.pretrained and cfg.teacher.num_layers not in layers:
         raise ValueError(f"cache.hidden_layers {layers} leaves out the teacher's last layer ({cfg.teacher.num_layers}), "

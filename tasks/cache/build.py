@@ -1,8 +1,9 @@
 """Cache stage: run the teacher once over every pairs example (every masked copy) and keep what the
 students learn from: top-k soft labels at the masked positions (or every real position) and the hidden
-states of the chosen teacher layers. Format and loader: tasks/cache/outputs.py. A teacher without an MLM
-head (teacher.mlm_head: none) gives hidden states only: the shards then hold no soft labels (k = 0) and
-the cache manifest says `has_soft_labels: false`.
+states of the chosen teacher layers at the masked positions (or every real token, or none), quantised
+(uint8 log-ratio codes, int8 rows with a scale). Format, error bounds and loader: tasks/cache/outputs.py.
+A teacher without an MLM head (teacher.mlm_head: none) gives hidden states only: the shards then hold no
+soft labels (k = 0) and the cache manifest says `has_soft_labels: false`.
 
 - Size first: the bytes are estimated from the pairs (lengths, masked counts) and the settings before
   anything is computed; over cache.max_bytes the stage stops with the estimate, its parts and the
@@ -34,16 +35,21 @@ from tasks import engine
 from tasks.artifacts import atomic_write_json, matches_record, read_json_or_empty
 from tasks.cache.outputs import (
     CACHE_MANIFEST,
-    DTYPES,
     FORMAT,
     FORMAT_VERSION,
     IGNORE_INDEX,
+    LOGRATIO_STEPS_PER_NAT,
     ExampleOutputs,
+    PartSize,
+    bytes_per_hidden_position,
     bytes_per_position,
-    bytes_per_token,
+    estimate_cache_bytes,
     hidden_name,
+    index_dtype,
     pack_shard,
-    shard_overhead_bytes,
+    quantise_hidden,
+    quantise_logprobs,
+    scale_name,
     shard_relpath,
     shard_stats,
     write_shard,
@@ -55,6 +61,7 @@ from tasks.stage import StageContext, StageError, StageReport, read_manifest
 from tasks.teacher.outputs import load_saved
 
 PROGRESS = "cache_progress.json"
+COUNTED = ("examples", "tokens", "positions", "hidden_positions")  # per shard, summed per split/view
 HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
 
 
@@ -69,16 +76,6 @@ class ShardPlan:
     @property
     def file(self) -> str:
         return shard_relpath(self.split, self.view, self.index)
-
-
-@dataclass
-class PartSize:
-    """One split x view: what the estimate is made of."""
-
-    examples: int
-    tokens: int
-    positions: int
-    shards: int
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,23 +100,14 @@ def resolve_layers(setting: str | list[int], num_layers: int, cfg: PipelineConfi
     return layers
 
 
-def part_size(ds: PairsSplit, view: str, positions: str, examples_per_shard: int, soft_labels: bool = True) -> PartSize:
+def part_size(ds: PairsSplit, view: str, positions: str, hidden_positions: str, examples_per_shard: int,
+              soft_labels: bool = True) -> PartSize:
+    """The counts the size estimate needs; positions / hidden_positions: masked | all | none."""
     tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
-    if not soft_labels:
-        n_positions = 0
-    elif positions == "all":
-        n_positions = tokens
-    else:
-        n_positions = int(ds.label_counts(view).sum())
-    return PartSize(len(ds), tokens, n_positions, math.ceil(len(ds) / examples_per_shard))
-
-
-def estimate_cache_bytes(parts: dict[str, PartSize], top_k: int, hidden_size: int, n_layers: int) -> dict[str, int]:
-    """Bytes the shards will take, by part (hidden states, soft labels, offsets and headers)."""
-    hidden = sum(p.tokens for p in parts.values()) * bytes_per_token(hidden_size, n_layers)
-    soft = sum(p.positions for p in parts.values()) * bytes_per_position(top_k)
-    index = sum(p.examples * 3 * 8 + p.shards * shard_overhead_bytes(n_layers) for p in parts.values())
-    return {"hidden_states": hidden, "soft_labels": soft, "index": index, "total": hidden + soft + index}
+    soft_at = positions if soft_labels else "none"
+    masked = int(ds.label_counts(view).sum()) if "masked" in (soft_at, hidden_positions) else 0
+    stored = {"masked": masked, "all": tokens, "none": 0}
+    return PartSize(len(ds), tokens, stored[soft_at], stored[hidden_positions], math.ceil(len(ds) / examples_per_shard))
 
 
 def _gb(n: float) -> str:
@@ -127,25 +115,30 @@ def _gb(n: float) -> str:
 
 
 def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: dict[str, PartSize],
-                        hidden_size: int, layers: list[int]) -> str:
+                        tconf: BertConfig, layers: list[int]) -> str:
     cc = cfg.cache
-    tokens = sum(p.tokens for p in parts.values())
+    h, vocab, max_len = tconf.hidden_size, tconf.vocab_size, tconf.max_position_embeddings
+    hidden_at = sum(p.hidden_positions for p in parts.values())
     positions = sum(p.positions for p in parts.values())
-    per_layer = tokens * bytes_per_token(hidden_size, 1)
+    per_layer = hidden_at * (h + 2)
     lines = [
         f"the teacher cache would take an estimated {_gb(estimate['total'])} ({estimate['total']:,} bytes), "
         f"over the budget cache.max_bytes = {_gb(cc.max_bytes)} ({cc.max_bytes:,} bytes).",
-        f"  hidden states: {_gb(estimate['hidden_states'])} = {tokens:,} tokens x {len(layers)} layer(s) "
-        f"{layers} x {hidden_size} x 2 bytes (fp16)",
+        f"  hidden states: {_gb(estimate['hidden_states'])} = {hidden_at:,} positions ({cc.hidden_positions}) x "
+        f"{bytes_per_hidden_position(h, len(layers), max_len)} bytes ({len(layers)} layer(s) {layers} x "
+        f"({h} int8 + 2 scale) + 2 position)",
         f"  soft labels:   {_gb(estimate['soft_labels'])} = {positions:,} positions ({cc.positions}) x "
-        f"{bytes_per_position(cc.top_k)} bytes (top_k {cc.top_k} ids + probabilities)",
+        f"{bytes_per_position(cc.top_k, vocab, max_len)} bytes (top_k {cc.top_k} ids + log-ratio codes)",
         f"  offsets and headers: {_gb(estimate['index'])}",
         "  by split/view: " + ", ".join(f"{name} {p.examples:,} examples, {p.tokens:,} tokens"
                                         for name, p in parts.items()),
         "Settings that shrink it:",
         f"  cache.hidden_layers: each cached layer costs {_gb(per_layer)}"
         + (" (already one layer)" if len(layers) == 1 else f"; {len(layers)} are cached now"),
-        f"  cache.top_k: {cc.top_k} -> 16 makes the soft labels {_gb(positions * bytes_per_position(16))}",
+        f"  cache.hidden_positions: {cc.hidden_positions} now; masked keeps the masked positions only (about "
+        "15%), none keeps no hidden states (no Lcos from the cache)",
+        f"  cache.top_k: {cc.top_k} -> 16 makes the soft labels "
+        f"{_gb(positions * bytes_per_position(16, vocab, max_len))}",
     ]
     if cc.positions == "all":
         lines.append("  cache.positions: masked keeps soft labels at the masked positions only (about 15%)")
@@ -216,43 +209,50 @@ def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torch.Tensor], view: str,
-                    layers: list[int], top_k: int, positions: str, rt: engine.Runtime) -> list[ExampleOutputs]:
-    """The cached quantities of every example of a padded batch (in batch order); top_k = 0: hidden
-    states only (a teacher without an MLM head)."""
+                    layers: list[int], top_k: int, positions: str, hidden_positions: str,
+                    rt: engine.Runtime) -> list[ExampleOutputs]:
+    """The cached quantities of every example of a padded batch (in batch order), quantised; top_k = 0:
+    hidden states only (a teacher without an MLM head)."""
     ids, types, attention, labels = (batch[c].to(rt.device) for c in VIEW_COLUMNS[view][:4])
     backbone = model.bert if hasattr(model, "bert") else model
     with rt.autocast():
         out = backbone(input_ids=ids, attention_mask=attention, token_type_ids=types,
                        output_hidden_states=True, return_dict=True)
     real = attention.bool()
-    if top_k == 0:
-        where = torch.zeros_like(real)
-    else:
-        where = real & (labels != IGNORE_INDEX) if positions == "masked" else real
+    masked = real & (labels != IGNORE_INDEX)
+    where = torch.zeros_like(real) if top_k == 0 else masked if positions == "masked" else real
+    hidden_where = {"masked": masked, "all": real, "none": torch.zeros_like(real)}[hidden_positions]
     gathered = out.hidden_states[-1][where].float()
-    top_p, top_i = [], []
+    top_lp, top_i = [], []
     for c in range(0, len(gathered), HEAD_CHUNK):
         logits = model.cls.predictions(gathered[c:c + HEAD_CHUNK]).float()
-        top = logits.softmax(-1).topk(top_k, dim=-1)
-        top_p.append(top.values)
+        top = logits.log_softmax(-1).topk(top_k, dim=-1)
+        top_lp.append(top.values)
         top_i.append(top.indices)
-    probs = torch.cat(top_p) if top_p else gathered.new_zeros(0, top_k)
+    logp = torch.cat(top_lp) if top_lp else gathered.new_zeros(0, top_k)
     token_ids = torch.cat(top_i) if top_i else torch.zeros(0, top_k, dtype=torch.long, device=ids.device)
-    hidden = {}
+    hidden, scales = {}, {}
     for layer in layers:
-        h = out.hidden_states[layer][real].to(torch.float16)
-        if not torch.isfinite(h).all():
-            raise StageError(f"teacher layer {layer} has hidden values outside the float16 range; "
+        values, scale = quantise_hidden(out.hidden_states[layer][hidden_where])
+        if not torch.isfinite(scale).all():
+            raise StageError(f"teacher layer {layer} has hidden values too large for a float16 scale (|h| > 8.3e6); "
                              "cache.precision=fp32 or other cache.hidden_layers may avoid it")
-        hidden[layer] = h.cpu().numpy()
-    pos_cuts = np.cumsum(where.sum(1).cpu().numpy())[:-1]
-    tok_cuts = np.cumsum(real.sum(1).cpu().numpy())[:-1]
-    pos = np.split(where.nonzero()[:, 1].to(torch.int32).cpu().numpy(), pos_cuts)
-    ids_np = np.split(token_ids.to(torch.int32).cpu().numpy(), pos_cuts)
-    probs_np = np.split(probs.cpu().numpy(), pos_cuts)
-    mass = np.split(probs.sum(-1).cpu().numpy(), pos_cuts)
-    hidden_np = {layer: np.split(h, tok_cuts) for layer, h in hidden.items()}
-    return [ExampleOutputs(pos[j], ids_np[j], probs_np[j], mass[j], {layer: hidden_np[layer][j] for layer in layers})
+        hidden[layer], scales[layer] = values.cpu().numpy(), scale.cpu().numpy()
+
+    def split_rows(mask: torch.Tensor, values: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+        return np.split(values, np.cumsum(mask.sum(1).cpu().numpy())[:-1])
+
+    pos = split_rows(where, where.nonzero()[:, 1].to(torch.int32))
+    ids_np = split_rows(where, token_ids.to(torch.int32))
+    codes = split_rows(where, quantise_logprobs(logp))
+    mass = split_rows(where, logp.exp().sum(-1).to(torch.float16))
+    hidden_pos = split_rows(hidden_where, hidden_where.nonzero()[:, 1].to(torch.int32))
+    hidden_np = {layer: split_rows(hidden_where, h) for layer, h in hidden.items()}
+    scales_np = {layer: split_rows(hidden_where, s) for layer, s in scales.items()}
+    return [ExampleOutputs(pos[j], ids_np[j], codes[j], mass[j], hidden_pos[j],
+                           {layer: hidden_np[layer][j] for layer in layers},
+                           {layer: scales_np[layer][j] for layer in layers})
             for j in range(len(pos))]
 
 
@@ -264,7 +264,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     cc = cfg.cache
     saved = load_saved(ctx.upstream_dir("teacher"))
     tconf = saved.config
-    layers = resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
+    layers = [] if cc.hidden_positions == "none" else resolve_layers(cc.hidden_layers, tconf.num_hidden_layers, cfg)
     soft = saved.has_mlm_head
     top_k = cc.top_k if soft else 0  # no MLM head: no soft labels, hidden states only
     if soft and cc.top_k > tconf.vocab_size:
@@ -273,18 +273,22 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
 
     pairs_dir = ctx.upstream_dir("pairs")
     data = {split: pairs_output.load_split(pairs_dir, split, views=cc.views) for split in cc.splits}
-    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.examples_per_shard, soft)
+    parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.hidden_positions,
+                                          cc.examples_per_shard, soft)
              for split in cc.splits for view in cc.views}
-    estimate = estimate_cache_bytes(parts, top_k, tconf.hidden_size, len(layers))
+    estimate = estimate_cache_bytes(parts, top_k, tconf.vocab_size, tconf.max_position_embeddings,
+                                    tconf.hidden_size, len(layers))
     if estimate["total"] > cc.max_bytes:
-        raise StageError(over_budget_message(cfg, estimate, parts, tconf.hidden_size, layers))
+        raise StageError(over_budget_message(cfg, estimate, parts, tconf, layers))
 
     plan = [s for split in cc.splits for view in cc.views
             for s in plan_shards(split, view, len(data[split]), cc.examples_per_shard)]
     finished = keep_finished_shards(ctx, plan)
     atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
     todo = [s for s in plan if s.file not in finished]
-    stats = {rel: shard_stats(ctx.out_dir / rel) for rel in finished}
+    lengths = {(s, v): np.asarray(data[s][LENGTH_COLUMN[v]], dtype=np.int64) for s in cc.splits for v in cc.views}
+    tokens = {s.file: int(lengths[s.split, s.view][s.start:s.stop].sum()) for s in plan}
+    stats = {rel: {**shard_stats(ctx.out_dir / rel), "tokens": tokens[rel]} for rel in finished}
 
     compute_s, computed_tokens, rt = 0.0, 0, None
     if todo:
@@ -296,7 +300,6 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                                                               VIEW_COLUMNS[v][3]: IGNORE_INDEX}, multiple)
                    for v in cc.views}
         columns = {(s, v): data[s].select_columns(list(VIEW_COLUMNS[v][:4])) for s in cc.splits for v in cc.views}
-        lengths = {(s, v): np.asarray(data[s][LENGTH_COLUMN[v]], dtype=np.int64) for s in cc.splits for v in cc.views}
         batches = {s.file: token_budget_batches(lengths[s.split, s.view][s.start:s.stop], cc.batch_tokens)
                    for s in todo}
         # (shard, rows of the split, last batch of the shard?) in shard order; a DataLoader fetches and
@@ -318,18 +321,20 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             shard = todo[k]
             if not slots:
                 slots = [None] * (shard.stop - shard.start)
-            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, rt)
+            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, cc.hidden_positions, rt)
             for j, o in zip((rows - shard.start).tolist(), outs, strict=True):
                 slots[j] = o
             if not last:
                 continue
-            tensors = pack_shard(shard.start, slots, layers)
+            tensors = pack_shard(shard.start, slots, layers, tconf.vocab_size, tconf.max_position_embeddings,
+                                 tconf.hidden_size)
             meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
-                    "top_k": str(top_k), "positions": cc.positions, "layers": ",".join(map(str, layers))}
+                    "top_k": str(top_k), "positions": cc.positions, "hidden_positions": cc.hidden_positions,
+                    "layers": ",".join(map(str, layers))}
             finished[shard.file] = write_shard(ctx.out_dir / shard.file, tensors, meta)
             atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
             stats[shard.file] = {"examples": len(slots), "positions": len(tensors["positions"]),
-                                 "tokens": len(tensors[hidden_name(layers[0])]),
+                                 "hidden_positions": len(tensors["hidden_positions"]), "tokens": tokens[shard.file],
                                  "mass_sum": float(tensors["topk_mass"].astype(np.float64).sum())}
             computed_tokens += stats[shard.file]["tokens"]
             compute_s = time.perf_counter() - t0
@@ -346,6 +351,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     reused = sum(1 for s in plan if "kept_from" in finished[s.file])
     counts = {
         "examples": totals["examples"], "tokens": totals["tokens"], "positions": totals["positions"],
+        "hidden_positions": totals["hidden_positions"],
         "shards": len(plan), "shards_computed": len(plan) - reused, "shards_reused": reused,
         "bytes": totals["bytes"], "estimated_bytes": estimate["total"],
         "bytes_per_token": round(totals["bytes_per_token"], 2),
@@ -357,7 +363,8 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         counts=counts,
         inputs=[{"stage": name, "fingerprint": rec.fingerprint} for name, rec in ctx.upstream.items()],
         artifacts=[CACHE_MANIFEST],
-        details={"layers": layers, "top_k": top_k, "positions": cc.positions, "has_soft_labels": soft,
+        details={"layers": layers, "top_k": top_k, "positions": cc.positions,
+                 "hidden_positions": cc.hidden_positions, "has_soft_labels": soft,
                  "soft_labels": f"top-{top_k} at the {cc.positions} positions" if soft
                  else f"none: the teacher has no MLM head (teacher.mlm_head: {saved.mlm_head}); hidden states only",
                  "estimate": estimate, "device": str(rt.device) if rt else None,
@@ -372,23 +379,25 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
     cc = cfg.cache
     splits: dict[str, dict[str, Any]] = {}
     for s in plan:
-        entry = splits.setdefault(s.split, {}).setdefault(s.view, {"examples": 0, "tokens": 0, "positions": 0,
-                                                                   "shards": []})
+        entry = splits.setdefault(s.split, {}).setdefault(s.view, {key: 0 for key in COUNTED} | {"shards": []})
         st = stats[s.file]
-        for key in ("examples", "tokens", "positions"):
+        for key in COUNTED:
             entry[key] += st[key]
-        entry["shards"].append({"file": s.file, "first_example": s.start, "examples": st["examples"],
-                                "tokens": st["tokens"], "positions": st["positions"],
+        entry["shards"].append({"file": s.file, "first_example": s.start, **{key: st[key] for key in COUNTED},
                                 "bytes": files[s.file]["size"], "sha256": files[s.file]["sha256"]})
     for split in cc.splits:  # a split with no examples still says so
         for view in cc.views:
-            splits.setdefault(split, {}).setdefault(view, {"examples": 0, "tokens": 0, "positions": 0, "shards": []})
+            splits.setdefault(split, {}).setdefault(view, {key: 0 for key in COUNTED} | {"shards": []})
     k, h = top_k, tconf.hidden_size
-    tensors = {"example_index": ["examples"], "pos_offsets": ["examples + 1"], "positions": ["positions"],
-               "topk_ids": ["positions", k], "topk_probs": ["positions", k], "topk_mass": ["positions"],
-               "tok_offsets": ["examples + 1"]}
-    tensors = {name: {"dtype": DTYPES[name], "shape": shape} for name, shape in tensors.items()}
-    tensors.update({hidden_name(layer): {"dtype": DTYPES["hidden"], "shape": ["tokens", h]} for layer in layers})
+    ids, pos = index_dtype(tconf.vocab_size).name, index_dtype(tconf.max_position_embeddings).name
+    tensors = {"example_index": ("int64", ["examples"]), "pos_offsets": ("int64", ["examples + 1"]),
+               "positions": (pos, ["positions"]), "topk_ids": (ids, ["positions", k]),
+               "topk_logratio": ("uint8", ["positions", k]), "topk_mass": ("float16", ["positions"]),
+               "hidden_offsets": ("int64", ["examples + 1"]), "hidden_positions": (pos, ["hidden_positions"])}
+    for layer in layers:
+        tensors[hidden_name(layer)] = ("int8", ["hidden_positions", h])
+        tensors[scale_name(layer)] = ("float16", ["hidden_positions"])
+    tensors = {name: {"dtype": dtype, "shape": shape} for name, (dtype, shape) in tensors.items()}
     n_tokens = sum(st["tokens"] for st in stats.values())
     n_positions = sum(st["positions"] for st in stats.values())
     n_bytes = sum(files[s.file]["size"] for s in plan)
@@ -397,16 +406,19 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
         "teacher": {"fingerprint": ctx.upstream["teacher"].fingerprint, "hidden_size": h,
                     "num_layers": tconf.num_hidden_layers, "vocab_size": tconf.vocab_size},
         "pairs": {"fingerprint": ctx.upstream["pairs"].fingerprint},
-        "top_k": k, "positions": cc.positions, "layers": layers, "views": cc.views,
-        "has_soft_labels": k > 0,
-        "soft_labels": "top-k ids and probabilities of the full-vocabulary softmax at temperature 1" if k
+        "top_k": k, "positions": cc.positions, "hidden_positions": cc.hidden_positions, "layers": layers,
+        "views": cc.views, "has_soft_labels": k > 0,
+        "soft_labels": f"top-k ids and their log-probability ratio to the likeliest (full-vocabulary softmax at "
+        f"temperature 1) in uint8 steps of 1/{LOGRATIO_STEPS_PER_NAT} nat" if k
         else "none: the teacher has no MLM head (hidden states only)",
+        "hidden_states": "int8 rows with a float16 absmax scale per row" if layers else "none",
         "examples_per_shard": cc.examples_per_shard,
         "tensors": tensors,
         "splits": splits,
         "shard_files": {s.file: {"sha256": files[s.file]["sha256"], "size": files[s.file]["size"]} for s in plan},
         "totals": {"examples": sum(st["examples"] for st in stats.values()), "tokens": n_tokens,
-                   "positions": n_positions, "shards": len(plan), "bytes": n_bytes,
+                   "positions": n_positions, "hidden_positions": sum(st["hidden_positions"] for st in stats.values()),
+                   "shards": len(plan), "bytes": n_bytes,
                    "estimated_bytes": estimate["total"],
                    "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
                    "mean_topk_mass": sum(st["mass_sum"] for st in stats.values()) / n_positions if n_positions else 0.0},

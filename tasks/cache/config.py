@@ -13,8 +13,11 @@ class CacheConfig(Section):
     top_k: int = Field(64, ge=1, description="soft labels per position: the teacher's k likeliest tokens")
     positions: Literal["masked", "all"] = Field(
         "masked", description="where soft labels are kept: the masked positions or every real token")
+    hidden_positions: Literal["masked", "all", "none"] = Field(
+        "masked", description="where hidden states are kept (int8, a scale per token), and so where the "
+        "students' Lcos is computed: the masked positions, every real token, or none (no Lcos from the cache)")
     hidden_layers: Literal["last", "mapped"] | list[int] = Field(
-        "last", description="teacher hidden states kept (fp16, every real token): 'last', layer numbers "
+        "last", description="teacher hidden states kept (at cache.hidden_positions): 'last', layer numbers "
         "(1 = first transformer layer, 0 = embeddings), or 'mapped': the teacher layers of "
         "distilbert.layer_map and the last (what distilbert.cos_layers=mapped needs)")
     splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["train", "validation"])

@@ -5,6 +5,8 @@ optionally the DistilBERT paper's Table 4 ablations at the same step budget.
 Teacher signal: `cached` (default) reads the teacher's top-k soft labels and hidden states from the cache
 stage (CachedPairs); `online` runs the teacher in every step with its full distribution (the baseline the
 cached path must agree with where k covers the vocabulary; benchmarks/distill.py compares their speed).
+In both modes Lcos compares hidden states where the cache keeps them (cache.hidden_positions: the masked
+positions by default, or every real token), so that the two modes stay comparable.
 
 Output: `model/` (DistilBertForMaskedLM, save_pretrained safetensors, with the teacher's tokenizer),
 `training.json`, and with ablations on, `ablations/<row>/result.json`, `ablations.json`, `ablations.md`.
@@ -116,10 +118,10 @@ def ablation_run(base: StudentRun, row: str) -> StudentRun:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], positions: str,
-                   temperature: float) -> dict[str, Any]:
+                   hidden_positions: str, temperature: float) -> dict[str, Any]:
     """The teacher in the same step: its full distribution at temperature T at the loss positions (none
-    from a teacher without an MLM head) and the hidden states of `layers` (what the cache would hold with
-    k = the vocabulary)."""
+    from a teacher without an MLM head) and the hidden states of `layers` at the cache's hidden positions
+    (what the cache would hold with k = the vocabulary, unquantised)."""
     backbone = teacher.bert if hasattr(teacher, "bert") else teacher
     out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers), return_dict=True)
@@ -128,14 +130,17 @@ def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], p
     if teacher_has_mlm_head(teacher):
         logits = teacher.cls.predictions(out.last_hidden_state[where]).float()
         probs = torch.softmax(logits / temperature, dim=-1)
-    hidden = {layer: out.hidden_states[layer] for layer in layers}
-    return {"where": where, "ids": None, "probs": probs, "hidden": hidden}
+    hidden_where = position_mask(batch, lcos_positions(hidden_positions))
+    hidden = {layer: out.hidden_states[layer][hidden_where] for layer in layers}
+    return {"where": where, "ids": None, "probs": probs, "hidden_where": hidden_where, "hidden": hidden}
 
 
 def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float) -> dict[str, Any]:
-    """The same from a CachedPairsCollator batch: top-k soft labels softened over their support."""
+    """The same from a CachedPairsCollator batch: top-k soft labels softened over their support, hidden
+    rows where the cache keeps them."""
     return {"where": batch["teacher_position_mask"], "ids": batch["teacher_topk_ids"],
             "probs": soft_targets(batch["teacher_topk_probs"], temperature),
+            "hidden_where": batch["teacher_hidden_mask"],
             "hidden": {layer: batch[f"teacher_{hidden_name(layer)}"] for layer in layers}}
 
 
@@ -144,9 +149,17 @@ def position_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tenso
     return real & (batch["labels"] != IGNORE_INDEX) if positions == "masked" else real
 
 
-def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: str = "masked", teacher=None):
+def lcos_positions(hidden_positions: str) -> str:
+    """Where Lcos compares hidden states: where the cache keeps them (cache.hidden_positions), in online
+    mode too so that the two modes compare the same tokens; the masked ones when the cache keeps none."""
+    return "all" if hidden_positions == "all" else "masked"
+
+
+def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: str = "masked", teacher=None,
+                 hidden_positions: str = "masked"):
     """The engine's loss_fn(student, batch) -> (loss, {term: value}). cos_pairs: (student layer,
-    teacher layer), 1-based (0 = embeddings); the student's logits are computed only at the loss positions."""
+    teacher layer), 1-based (0 = embeddings); the student's logits are computed only at the loss positions;
+    positions / hidden_positions: the cache's (cache.positions, cache.hidden_positions), also online."""
     w = run.weights
     teacher_layers = [t for _, t in cos_pairs] if w.cos > 0 else []
     all_layers = w.cos > 0 and len(cos_pairs) > 1
@@ -157,7 +170,8 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
                                  output_hidden_states=all_layers, return_dict=True)
         sig = None
         if run.needs_teacher:
-            sig = (online_teacher(teacher, batch, teacher_layers, positions, w.temperature) if run.mode == "online"
+            sig = (online_teacher(teacher, batch, teacher_layers, positions, hidden_positions, w.temperature)
+                   if run.mode == "online"
                    else cached_teacher(batch, teacher_layers, w.temperature))
         # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
         where = sig["where"] if sig is not None and w.ce > 0 else position_mask(batch, "masked")
@@ -170,8 +184,8 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
             terms["mlm_loss"] = mlm_loss(logits, batch["labels"][where])
         if w.cos > 0:
             hs = out.hidden_states if all_layers else {cos_pairs[0][0]: out.last_hidden_state}
-            terms["cos_loss"] = cosine_loss([hs[s] for s, _ in cos_pairs], [sig["hidden"][t] for _, t in cos_pairs],
-                                            attention)
+            terms["cos_loss"] = cosine_loss([hs[s][sig["hidden_where"]] for s, _ in cos_pairs],
+                                            [sig["hidden"][t] for _, t in cos_pairs])
         return combine_terms(terms, w), {name: value.detach() for name, value in terms.items()}
 
     return loss_fn
@@ -200,6 +214,7 @@ class Inputs:
     cache_dir: Path
     pad_id: int
     positions: str
+    hidden_positions: str
 
 
 def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: Inputs, run_dir: Path,
@@ -229,8 +244,9 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     def sink(metrics: dict[str, float], step: int | None) -> None:
         ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
 
+    loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions)
     result = engine.train(
-        student, make_loss_fn(run, pairs, inp.positions, teacher), data, d.train, collate, seed=ctx.seed,
+        student, loss_fn, data, d.train, collate, seed=ctx.seed,
         checkpoint_dir=run_dir / CHECKPOINTS, runtime=rt, metrics_sink=sink, progress=cfg.run.progress,
         eval_fn=lambda m, rt: scoring.masked_lm_metrics(scoring.score_pretraining(
             m, scoring.masked_lm_predictor(m, "distilbert"), inp.val_ds, eval_collate, eval_batch, rt, pair_label=None)))
@@ -252,6 +268,10 @@ def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = F
     if with_soft_labels and not data.has_soft_labels:
         raise StageError("distilbert.alpha_ce > 0 needs the teacher's soft labels, but the cache holds hidden "
                          "states only; rerun the cache stage")
+    if layers and data.hidden_positions == "none":
+        raise StageError("distilbert.alpha_cos > 0 needs the teacher's hidden states for Lcos, but the cache keeps "
+                         "none (cache.hidden_positions: none): set cache.hidden_positions: masked (or all), or "
+                         "distilbert.alpha_cos: 0, or distilbert.mode: online")
     missing = [layer for layer in layers if layer not in data.layers]
     if missing:
         raise StageError(
@@ -286,7 +306,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     cache_manifest = read_cache_manifest(cache_dir)
     inp = Inputs(teacher, tconf, layer_map, pairs_output.load_split(pairs_dir, "train"),
                  pairs_output.load_split(pairs_dir, "validation", columns=[*PRETRAINING_INPUTS, "length"]),
-                 cache_dir, tok.pad_token_id, cache_manifest["positions"])
+                 cache_dir, tok.pad_token_id, cache_manifest["positions"], cache_manifest["hidden_positions"])
 
     main, dropped = without_missing_terms(configured_run(cfg), saved)
     if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0:
@@ -327,7 +347,8 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         else "fresh transform and bias, decoder tied to the word embeddings" + (
             " (the teacher has no MLM head)" if main.init == "teacher" else ""),
         "teacher_signal": ((f"cache: top-{cache_manifest['top_k']} soft labels at the {cache_manifest['positions']} "
-                            f"positions, hidden layers {cache_manifest['layers']}")
+                            f"positions, hidden layers {cache_manifest['layers']} at the "
+                            f"{cache_manifest['hidden_positions']} positions")
                            if cache_manifest.get("has_soft_labels", True)
                            else f"cache: hidden layers {cache_manifest['layers']} only (no soft labels)")
         if main.mode == "cached" else "online: the teacher in every step"

@@ -83,6 +83,10 @@ def check_cache(cfg) -> None:
         raise ValueError(f"distilbert.mode is cached, which reads the teacher's outputs for the train split of the "
                          f"nsp view, but cache.splits is {c.splits} and cache.views is {c.views}: include train "
                          "and nsp, or set distilbert.mode: online")
+    if d.alpha_cos > 0 and c.hidden_positions == "none":
+        raise ValueError("distilbert.alpha_cos > 0 in cached mode needs the teacher's hidden states, but "
+                         "cache.hidden_positions is none: set it to masked (or all), or distilbert.alpha_cos: 0, "
+                         "or distilbert.mode: online")
     student_layers = len(d.layer_map) if d.layer_map else d.num_layers
     if student_layers is None and not cfg.teacher.pretrained:
         student_layers = max(1, cfg.teacher.num_layers // 2)

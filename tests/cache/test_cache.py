@@ -20,7 +20,22 @@ from models.bert import bert_config, build_bert_for_pretraining
 from tasks import engine
 from tasks.artifacts import hash_tree, sha256_json
 from tasks.cache import build as cache
-from tasks.cache.outputs import CACHE_MANIFEST, CachedPairs, soft_targets
+from tasks.cache.outputs import (
+    CACHE_MANIFEST,
+    FORMAT,
+    CachedPairs,
+    ExampleOutputs,
+    PartSize,
+    dequantise_hidden,
+    estimate_cache_bytes,
+    pack_shard,
+    probs_from_codes,
+    quantise_hidden,
+    quantise_logprobs,
+    read_cache_manifest,
+    soft_targets,
+    write_shard,
+)
 from tasks.config import ConfigError
 from tasks.pairs.outputs import load_split
 from tasks.pipeline import SPECS
@@ -67,19 +82,33 @@ def padded_examples(lengths: np.ndarray, batch_tokens: int, shard_size: int, cou
     return found[:count]
 
 
-@pytest.mark.parametrize("positions,layers,views", [("masked", "last", "[nsp,sop]"), ("all", "[0,1,2]", "[nsp]")])
-def test_cached_outputs_equal_a_fresh_teacher_forward(make_config, workdir, upstream, positions, layers, views):
+STEP = 1 / 16  # nats per stored log-ratio code, as outputs.py states (its bounds follow from it)
+
+
+def hidden_bound(rows: np.ndarray) -> np.ndarray:
+    """The int8 reconstruction bound per row (outputs.py): max|h| / 254 (1 + 2^-11)."""
+    return np.abs(rows).max(-1, keepdims=True) / 254 * (1 + 2 ** -11)
+
+
+@pytest.mark.parametrize("positions,layers,views,hidden_at", [("masked", "last", "[nsp,sop]", "masked"),
+                                                                ("all", "[0,1,2]", "[nsp]", "all"),
+                                                                ("masked", "last", "[nsp]", "none")])
+def test_cached_outputs_equal_a_fresh_teacher_forward(make_config, workdir, upstream, positions, layers, views,
+                                                      hidden_at):
     top_k = 8 if positions == "masked" else VOCAB  # k = vocabulary: the full distribution
     cfg = make_config(*SMALL, f"cache.top_k={top_k}", f"cache.positions={positions}",
-                      f"cache.hidden_layers={layers}", f"cache.views={views}")
+                      f"cache.hidden_layers={layers}", f"cache.views={views}", f"cache.hidden_positions={hidden_at}",
+                      *(["distilbert.alpha_cos=0"] if hidden_at == "none" else []))  # no Lcos without hidden states
     rec = run_stage(SPECS["cache"], cfg, workdir, upstream)
     counts = rec.manifest["counts"]
-    want_layers = [LAYERS] if layers == "last" else [0, 1, 2]
+    want_layers = [] if hidden_at == "none" else [LAYERS] if layers == "last" else [0, 1, 2]
     n_views = 2 if "sop" in views else 1
     assert counts["examples"] == (70 + 20) * n_views
     assert counts["shards"] == counts["shards_computed"] == (5 + 2) * n_views and counts["shards_reused"] == 0
     manifest = json.loads((rec.dir / CACHE_MANIFEST).read_text())
-    assert manifest["layers"] == want_layers and manifest["top_k"] == top_k
+    assert manifest["layers"] == want_layers and manifest["top_k"] == top_k and manifest["version"] == 2
+    assert manifest["hidden_positions"] == hidden_at
+    assert manifest["tensors"]["topk_ids"]["dtype"] == manifest["tensors"]["positions"]["dtype"] == "uint16"
     assert manifest["teacher"]["fingerprint"] == upstream["teacher"].fingerprint
     assert manifest["pairs"]["fingerprint"] == upstream["pairs"].fingerprint
     for rel, meta in manifest["shard_files"].items():  # the manifest's checksums are the files'
@@ -99,46 +128,56 @@ def test_cached_outputs_equal_a_fresh_teacher_forward(make_config, workdir, upst
             ids, types, attn, labels = (torch.tensor([pairs[i][c]]) for c in cols)
             with torch.no_grad():  # HF's own forward: logits at every position, one unpadded example
                 out = model(input_ids=ids, token_type_ids=types, attention_mask=attn, output_hidden_states=True)
-            where = (labels[0] != -100) if positions == "masked" else attn[0].bool()
-            probs = out.prediction_logits[0][where].softmax(-1)
-            top = probs.topk(top_k, dim=-1)
+            masked = labels[0] != -100
+            where = masked if positions == "masked" else attn[0].bool()
+            logp = out.prediction_logits[0][where].log_softmax(-1)
+            top = logp.topk(top_k, dim=-1)
             assert row["teacher_positions"].tolist() == where.nonzero()[:, 0].tolist()
             assert np.array_equal(row["teacher_topk_ids"], top.indices.numpy())
-            np.testing.assert_allclose(row["teacher_topk_probs"], top.values.numpy(), atol=1e-5, rtol=0)
-            np.testing.assert_allclose(row["teacher_topk_mass"], top.values.sum(-1).numpy(), atol=1e-5)
+            # the bound of outputs.py (1/16 nat + fp16 mass), plus float32 noise between two forwards
+            np.testing.assert_allclose(np.log(row["teacher_topk_probs"]), top.values.numpy(),
+                                       atol=STEP + 2 ** -11 + 1e-4, rtol=0)
+            np.testing.assert_allclose(row["teacher_topk_mass"], top.values.exp().sum(-1).numpy(), rtol=1e-3)
+            hidden_where = {"masked": masked, "all": attn[0].bool(), "none": torch.zeros_like(masked)}[hidden_at]
+            assert row["teacher_hidden_positions"].tolist() == hidden_where.nonzero()[:, 0].tolist()
+            assert set(row) >= {f"teacher_hidden_{layer}" for layer in want_layers}
             for layer in want_layers:
                 stored = row[f"teacher_hidden_{layer}"]
-                assert stored.dtype == np.float16 and stored.shape == (len(ids[0]), HIDDEN)
-                torch.testing.assert_close(torch.from_numpy(stored).float(), out.hidden_states[layer][0],
-                                           rtol=1e-3, atol=2e-3)
+                fresh = out.hidden_states[layer][0][hidden_where].numpy()
+                assert stored.shape == (int(hidden_where.sum()), HIDDEN)
+                assert (np.abs(stored - fresh) <= hidden_bound(fresh) + 1e-4).all()
             if top_k == VOCAB and where.any():  # softened over the full support = softmax(z / T)
-                np.testing.assert_allclose(row["teacher_topk_mass"], 1.0, atol=1e-5)
+                np.testing.assert_allclose(row["teacher_topk_mass"], 1.0, atol=1e-3)
                 scattered = torch.zeros(int(where.sum()), VOCAB).scatter_(
-                    1, torch.from_numpy(row["teacher_topk_ids"]).long(),
+                    1, torch.from_numpy(row["teacher_topk_ids"].astype(np.int64)),
                     soft_targets(torch.from_numpy(row["teacher_topk_probs"]), 2.0))
-                torch.testing.assert_close(scattered, (out.prediction_logits[0][where] / 2.0).softmax(-1),
-                                           atol=1e-5, rtol=1e-4)
+                exact = (out.prediction_logits[0][where] / 2.0).softmax(-1)
+                assert ((scattered.log() - exact.log()).abs() <= STEP / 2.0 + 1e-4).all()
 
         # a collated batch lines up with the padded input
         collate = loader.collator(PAD)
         batch = collate(loader[chosen])
-        mask = batch["teacher_position_mask"]
-        expect = (batch[cols[3]] != -100) if positions == "masked" else batch[cols[2]].bool()
-        assert torch.equal(mask, expect)
+        masked, real = batch[cols[3]] != -100, batch[cols[2]].bool()
+        assert torch.equal(batch["teacher_position_mask"], masked if positions == "masked" else real)
         assert torch.equal(batch["teacher_topk_ids"], torch.from_numpy(
-            np.concatenate([loader[i]["teacher_topk_ids"] for i in chosen])).long())
-        hidden = batch[f"teacher_hidden_{want_layers[-1]}"]
-        assert hidden.shape[:2] == batch[cols[0]].shape and hidden.dtype == torch.float16
-        assert not hidden[~batch[cols[2]].bool()].any()  # zeros at padding
+            np.concatenate([loader[i]["teacher_topk_ids"] for i in chosen]).astype(np.int64)))
+        hidden_mask = batch["teacher_hidden_mask"]
+        assert torch.equal(hidden_mask, {"masked": masked, "all": real, "none": torch.zeros_like(real)}[hidden_at])
+        for layer in want_layers:  # one row per True of the mask, in row-major order
+            hidden = batch[f"teacher_hidden_{layer}"]
+            assert hidden.shape == (int(hidden_mask.sum()), HIDDEN) and hidden.dtype == torch.float32
+            assert torch.equal(hidden, torch.from_numpy(np.concatenate([loader[i][f"teacher_hidden_{layer}"]
+                                                                        for i in chosen])))
 
 
 def test_budget_refuses_an_over_large_cache_with_the_estimate(make_config, workdir, upstream):
-    cfg = make_config(*SMALL, "cache.max_bytes=50000")
+    cfg = make_config(*SMALL, "cache.max_bytes=5000")
     with pytest.raises(StageError) as err:
         run_stage(SPECS["cache"], cfg, workdir, upstream)
     message = str(err.value)
-    assert "estimated" in message and "cache.max_bytes = " in message and "50,000 bytes" in message
-    for setting in ("cache.top_k", "cache.hidden_layers", "pairs.dupe_factor", "cache.max_bytes"):
+    assert "estimated" in message and "cache.max_bytes = " in message and "5,000 bytes" in message
+    for setting in ("cache.top_k", "cache.hidden_layers", "cache.hidden_positions", "pairs.dupe_factor",
+                    "cache.max_bytes"):
         assert setting in message
     assert not list(workdir.rglob("*.safetensors"))  # refused before anything was written
     estimate = int(message.split("(")[1].split(" bytes")[0].replace(",", ""))
@@ -147,7 +186,7 @@ def test_budget_refuses_an_over_large_cache_with_the_estimate(make_config, workd
     counts = rec.manifest["counts"]
     assert counts["estimated_bytes"] == estimate
     assert abs(counts["bytes"] - estimate) / counts["bytes"] < 0.02, (counts["bytes"], estimate)
-    assert counts["bytes_per_token"] > HIDDEN * 2  # the fp16 hidden state, plus soft labels and offsets
+    assert counts["hidden_positions"] == counts["positions"] > 0  # both at the masked positions by default
     assert 0.0 < counts["mean_topk_mass"] <= 1.0 and counts["tokens_per_s"] > 0
 
 
@@ -261,8 +300,8 @@ def test_loader_opens_only_the_shards_it_needs_and_feeds_the_engine(make_config,
         logits = model.cls.predictions(out.last_hidden_state[batch["teacher_position_mask"]]).float()
         student = logits.log_softmax(-1).gather(1, batch["teacher_topk_ids"])
         kd = -(soft_targets(batch["teacher_topk_probs"], 2.0) * student).sum(-1).mean()
-        real = batch["attention_mask"].bool()
-        mse = (out.last_hidden_state - batch[f"teacher_hidden_{LAYERS}"].float())[real].pow(2).mean()
+        rows = out.last_hidden_state[batch["teacher_hidden_mask"]]
+        mse = (rows - batch[f"teacher_hidden_{LAYERS}"]).pow(2).mean()
         return kd + mse, {"kd": kd.detach(), "mse": mse.detach()}
 
     torch.manual_seed(1)
@@ -281,3 +320,142 @@ def test_cache_config_is_checked(make_config):
     with pytest.raises(ConfigError, match="cache.views"):
         make_config("cache.views=[mlm]")
     assert make_config("cache.hidden_layers=[2,0]").cache.hidden_layers == [0, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# format v2: the shard round trip, the quantisation bounds, the refusal of v1, the sizes
+# ------------------------------------------------------------------------------------------------
+def random_example(rng: np.random.Generator, length: int, n_masked: int, k: int, hidden: int, vocab: int,
+                   layers: list[int]) -> ExampleOutputs:
+    pos = np.sort(rng.choice(length, size=n_masked, replace=False)).astype(np.int32)
+    logp = torch.from_numpy(np.sort(-rng.exponential(2.0, size=(n_masked, k)).cumsum(-1), axis=-1)[:, ::-1].copy())
+    rows = {layer: quantise_hidden(torch.from_numpy(rng.normal(size=(n_masked, hidden)).astype(np.float32)))
+            for layer in layers}
+    return ExampleOutputs(pos, rng.integers(0, vocab, size=(n_masked, k)).astype(np.int32),
+                          quantise_logprobs(logp).numpy(), rng.random(n_masked).astype(np.float16), pos.copy(),
+                          {layer: q.numpy() for layer, (q, _) in rows.items()},
+                          {layer: s.numpy() for layer, (_, s) in rows.items()})
+
+
+@pytest.mark.parametrize("vocab,id_dtype", [(30_522, np.uint16), (65_537, np.int32)])
+def test_a_shard_round_trips_through_its_file(tmp_path, vocab, id_dtype):
+    rng = np.random.default_rng(0)
+    examples = [random_example(rng, 40, n, 8, 16, vocab, [1, 3]) for n in (5, 0, 7, 1)]
+    tensors = pack_shard(100, examples, [1, 3], vocab_size=vocab, max_positions=512, hidden_size=16)
+    assert tensors["topk_ids"].dtype == id_dtype and tensors["positions"].dtype == np.uint16
+    assert tensors["topk_logratio"].dtype == np.uint8 and tensors["hidden_1"].dtype == np.int8
+    assert tensors["hidden_3_scale"].dtype == np.float16 and tensors["topk_mass"].dtype == np.float16
+    assert tensors["pos_offsets"].tolist() == tensors["hidden_offsets"].tolist() == [0, 5, 5, 12, 13]
+    written = write_shard(tmp_path / "shard.safetensors", tensors, {"split": "train"})
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "shard.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == set(tensors)
+        for name, value in tensors.items():
+            back = f.get_tensor(name)
+            assert back.dtype == value.dtype and np.array_equal(back, value), name
+    assert written["size"] == (tmp_path / "shard.safetensors").stat().st_size
+    # example 2's rows are its own, in order
+    assert np.array_equal(tensors["topk_ids"][5:12], examples[2].topk_ids.astype(id_dtype))
+    assert np.array_equal(tensors["hidden_3"][5:12], examples[2].hidden[3])
+
+
+def test_soft_label_codes_keep_the_stated_error_bound():
+    """Against float64 probabilities: each stored log-ratio within 1/32 nat, soft targets at T within
+    1/(16 T) nat, the loader's T=1 log-probabilities within 1/16 nat + fp16 mass (outputs.py)."""
+    rng = np.random.default_rng(0)
+    vocab, k = 2000, 64
+    logits = rng.normal(size=(600, vocab)) * np.repeat([0.5, 2.0, 4.0, 12.0], 150)[:, None]  # flat ... peaked
+    logp_full = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    top = np.sort(logp_full, axis=-1)[:, ::-1][:, :k].copy()  # float64 top-k log-probabilities
+    mass = np.exp(top).sum(-1)
+    codes = quantise_logprobs(torch.from_numpy(top)).numpy()
+    assert codes.dtype == np.uint8 and (codes[:, 0] == 0).all()
+
+    ratio = top - top[:, :1]
+    in_range = ratio >= -255.5 * STEP
+    assert in_range.all(1).sum() > 300 and (~in_range).any()  # both kinds of position are tested
+    err = np.abs(-codes.astype(np.float64) * STEP - ratio)
+    assert err[in_range].max() <= STEP / 2 + 1e-12
+    assert err[in_range].max() > 0.9 * STEP / 2  # the bound is tight: the test measures the rounding
+    assert (codes[~in_range] == 255).all()
+
+    probs = probs_from_codes(codes, mass.astype(np.float16))  # what the loader gives, float32
+    got = np.log(probs.astype(np.float64))
+    rows = in_range.all(1)
+    assert np.abs(got - top)[rows].max() <= STEP + 2 ** -11 * 1.001 + 1e-6
+    # every entry, clamped ones too: at most 6.5% of p (+ the fp16 mass) or 1.2e-7 of p_1 away
+    p_hat, p = np.exp(got), np.exp(top)
+    assert (np.abs(p_hat - p) <= (np.exp(STEP) * (1 + 2 ** -11) * (1 + 1e-5) - 1) * p
+            + np.exp(-255 * STEP) * p[:, :1] + 1e-9).all()
+    for temperature in (1.0, 2.0, 4.0):
+        soft = soft_targets(torch.from_numpy(probs), temperature).double().numpy()
+        exact = np.exp(top / temperature) / np.exp(top / temperature).sum(-1, keepdims=True)
+        log_err = np.abs(np.log(soft) - np.log(exact))[rows]
+        assert log_err.max() <= STEP / temperature + 1e-5, temperature
+        assert log_err.max() > 0.5 * STEP / temperature
+
+
+def test_int8_hidden_rows_keep_the_stated_error_bound():
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(500, 768)) * rng.lognormal(0.0, 1.5, size=(500, 1))  # rows of very different sizes
+    rows[::50, 7] = 40.0 * np.abs(rows[::50]).max(-1)  # an outlier element in some rows
+    rows[3] = 0.0  # a zero row stays zero
+    values, scale = quantise_hidden(torch.from_numpy(rows))
+    assert values.dtype == torch.int8 and scale.dtype == torch.float16 and int(values.abs().max()) <= 127
+    back = dequantise_hidden(values.numpy(), scale.numpy()).astype(np.float64)
+    err = np.abs(back - rows)
+    bound = hidden_bound(rows)
+    assert (err <= bound + 1e-6 * np.abs(rows).max(-1, keepdims=True)).all()
+    assert (err / np.maximum(bound, 1e-30)).max() > 0.9  # the bound is tight: the test measures the rounding
+    assert not back[3].any()
+    cos = (back * rows).sum(-1) / (np.linalg.norm(back, axis=-1) * np.linalg.norm(rows, axis=-1) + 1e-30)
+    # what Lcos sees: directions barely move; less so in a row with an outlier (the step is its absmax / 127)
+    plain = np.ones(len(rows), dtype=bool)
+    plain[::50], plain[3] = False, False
+    assert cos[plain].min() > 0.9999 and cos[::50].min() > 0.997
+
+
+def test_a_v1_cache_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "cache-abc123"
+    old.mkdir()
+    (old / CACHE_MANIFEST).write_text(json.dumps({"format": FORMAT, "version": 1, "splits": {}}))
+    with pytest.raises(ValueError) as err:
+        read_cache_manifest(old)
+    message = str(err.value)
+    assert str(old) in message and "v1" in message and "rebuild the cache stage" in message
+    assert "`lightbert run` rebuilds it" in message
+    with pytest.raises(ValueError, match="rebuild the cache stage"):
+        CachedPairs(old, None, "train")  # refused before the pairs are looked at
+
+
+BERT_BASE = {"top_k": 64, "vocab_size": 30_522, "max_positions": 512, "hidden_size": 768}
+
+
+def bert_base_part(examples: int) -> PartSize:
+    """128-token sequences, 15% masked (19.2 per sequence: 19 and 20 alternately below)."""
+    masked = sum(19 + i % 5 // 4 for i in range(examples))
+    return PartSize(examples, 128 * examples, masked, masked, 1)
+
+
+@pytest.mark.parametrize("n_layers,limit", [(1, 200), (0, 50)])
+def test_bytes_per_token_at_bert_base_shape(tmp_path, n_layers, limit):
+    """The module docstring's figures, from the code's own size function and from a written shard."""
+    many = bert_base_part(1_000_000)
+    per_token = estimate_cache_bytes({"train/nsp": many}, n_layers=n_layers, **BERT_BASE)["total"] / many.tokens
+    assert per_token == pytest.approx(145.4 if n_layers else 29.6, abs=0.05) and per_token <= limit
+
+    rng = np.random.default_rng(2)
+    layers = [12] if n_layers else []
+    part = bert_base_part(160)
+    examples = [random_example(rng, 128, 19 + i % 5 // 4, 64, 768, 30_522, layers) for i in range(part.examples)]
+    if not n_layers:  # no hidden states: no hidden rows
+        examples = [ExampleOutputs(e.positions, e.topk_ids, e.topk_logratio, e.topk_mass, e.positions[:0], {}, {})
+                    for e in examples]
+        part = PartSize(part.examples, part.tokens, part.positions, 0, 1)
+    tensors = pack_shard(0, examples, layers, BERT_BASE["vocab_size"], BERT_BASE["max_positions"], 768)
+    size = write_shard(tmp_path / "shard.safetensors", tensors, {"split": "train", "view": "nsp"})["size"]
+    estimate = estimate_cache_bytes({"train/nsp": part}, n_layers=n_layers, **BERT_BASE)["total"]
+    assert abs(size - estimate) / size < 0.002, (size, estimate)
+    assert size / part.tokens <= limit

@@ -182,9 +182,16 @@ def test_cached_and_online_paths_give_the_same_loss(make_config, workdir, tmp_pa
     loss_o, terms_o = distilbert.make_loss_fn(replace(run, mode="online"), pairs, teacher=teacher_model)(
         student, online_batch)
     assert set(terms_c) == {"ce_loss", "mlm_loss", "cos_loss"} and all(v > 1e-3 for v in terms_c.values())
-    for name in terms_c:  # the cache keeps hidden states in fp16: cos agrees to about 1e-4
-        assert terms_c[name].item() == pytest.approx(terms_o[name].item(), rel=2e-4, abs=1e-5), name
-    assert loss_c.item() == pytest.approx(loss_o.item(), rel=2e-4)
+    # Lmlm is exact. The cache keeps int8 hidden states (each element within 0.4% of its row's largest):
+    # cos within 0.1% (measured 0.02%). Its soft labels are within 1/(16 T) nat of each probability (3.2% at
+    # T = 2): ce within 2% (measured 0.6%). The online teacher compares the same (masked) positions for Lcos.
+    tolerance = {"ce_loss": 0.02, "mlm_loss": 1e-5, "cos_loss": 1e-3}
+    for name in terms_c:
+        assert terms_c[name].item() == pytest.approx(terms_o[name].item(), rel=tolerance[name], abs=1e-6), name
+    assert loss_c.item() == pytest.approx(loss_o.item(), rel=2e-3)
+    online = distilbert.online_teacher(teacher_model, online_batch, [4], "masked", "masked", 2.0)
+    assert torch.equal(online["hidden_where"], cached_batch["teacher_hidden_mask"])
+    assert torch.equal(online["hidden_where"], online_batch["labels"] != -100)
 
 
 # ------------------------------------------------------------------------------------------------

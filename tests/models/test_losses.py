@@ -94,6 +94,9 @@ def test_several_layer_pairs_average_and_empty_batches_give_zero(example):
     _, _, _, hs, ht, mask = example
     two = cosine_loss([hs, ht], [ht, ht], mask)
     assert two.item() == pytest.approx(cosine_loss([hs], [ht], mask).item() / 2, rel=1e-6)
+    # (P, H) rows of the compared tokens (the teacher cache's form) give the same loss as the mask
+    assert cosine_loss([hs[mask.bool()]], [ht[mask.bool()]]).item() == pytest.approx(
+        cosine_loss([hs], [ht], mask).item(), rel=1e-6)
     empty = torch.zeros(0, V, requires_grad=True)
     assert soft_label_loss(empty, torch.zeros(0, V), T).item() == 0.0
     assert mlm_loss(empty, torch.zeros(0, dtype=torch.long)).item() == 0.0
