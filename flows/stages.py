@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows import tracking
+from flows.shards import prefect_shard_map
 from tasks.config import PipelineConfig
 from tasks.pipeline import SPECS, STAGES, stages_until  # noqa: F401  (the flow and the CLI import them here)
 from tasks.stage import StageRecord, run_stage
@@ -38,7 +39,8 @@ def run_tracked_stage(stage: str, cfg: PipelineConfig, workdir: Path, upstream: 
     spec = SPECS[stage]
     with tracking.stage_run(stage, parent_run_id) as run_id:
         record = run_stage(spec, cfg, workdir, upstream, producer={"mlflow_run_id": run_id},
-                           metrics_sink=tracking.log_metrics)
+                           metrics_sink=tracking.log_metrics,
+                           shard_map=prefect_shard_map(stage) if cfg.run.task_runner == "dask" else None)
         tracking.log_stage(record, {name: upstream[name] for name in spec.upstream})
         tracking.register_models(record)
         tracking.log_ablations(record, run_id)

@@ -23,7 +23,13 @@ class Section(BaseModel):
 class RunConfig(Section):
     seed: int = 42
     experiment: str = "lightbert"
-    num_proc: int = Field(0, ge=0, description="worker processes for datasets.map; 0 = all cores (max 8)")
+    num_proc: int = Field(0, ge=0, description="worker processes for data preparation; 0 = all cores (max 8)")
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="where the data stages' shards run: local worker processes, or Prefect tasks on "
+        "a Dask cluster (prefect-dask); the workdir must then be on storage every Dask worker sees at the same path")
+    dask_address: str | None = Field(
+        None, description="scheduler of an existing Dask cluster (tcp://host:8786); None = start a local "
+        "cluster of num_proc worker processes for the run")
     cache_dir: str | None = Field(
         None, description="download cache for sources; default $LIGHTBERT_CACHE or ~/.cache/lightbert"
     )

@@ -81,6 +81,10 @@ class StageContext:
     salvage_dir: Path | None = None
     # Metrics while the stage runs (training curves); the flow points this at MLflow.
     metrics_sink: Callable[[dict[str, float], int | None], None] | None = None
+    # How independent shards run: shard_map(fn, jobs, shared) -> [fn(job, shared) for job in jobs], in
+    # order. None: the stage's own worker processes; the flow sets it to Prefect tasks on a Dask
+    # cluster (run.task_runner: dask).
+    shard_map: Callable[[Callable[[Any, Any], Any], list, Any], list] | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.metrics_sink is not None:
@@ -370,6 +374,7 @@ def run_stage(
     producer: dict[str, Any] | None = None,
     force: bool = False,
     metrics_sink: Callable[[dict[str, float], int | None], None] | None = None,
+    shard_map: Callable[[Callable[[Any, Any], Any], list, Any], list] | None = None,
 ) -> StageRecord:
     """Reuse the stage's finished output when it is valid for this key, else build it afresh.
 
@@ -404,7 +409,7 @@ def run_stage(
     previous = read_manifest(final)
     salvage = final if not force and previous is not None and previous.get("cache_key") == key else None
     ctx = StageContext(spec.name, out_dir, scratch, upstream, cfg, resuming=resuming, salvage_dir=salvage,
-                       metrics_sink=metrics_sink)
+                       metrics_sink=metrics_sink, shard_map=shard_map)
     started_at, t0 = _now(), time.perf_counter()
     try:
         report = spec.build_fn()(cfg, ctx)

@@ -49,6 +49,10 @@ class ShardJob:
     def folder(self) -> Path:
         return self.out_dir / f"shard-{self.index:05d}"
 
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:05d}"
+
 
 def chunk_bounds(n_documents: int, chunk_documents: int) -> list[tuple[int, int]]:
     """[lo, hi) document ranges of about chunk_documents each (equal sizes: no small last chunk)."""
