@@ -206,6 +206,7 @@ def main() -> None:
     trees["this"] = REPO
     header = f"{'tokens':>8} {'stage':<10} {'code':<8} {'seconds':>9} {'tokens/s':>11} {'peak RSS MiB':>13} {'speed x':>8} {'RSS x':>6}"
     print(header)
+    base: dict = {}  # (size, stage) -> the baseline's result
     for size in sizes:
         folder = args.root / f"text-{size}"
         copies = write_corpus(folder, documents, size) if not args.reuse_corpus else max(1, round(size / EMBEDDED_TOKENS))
@@ -222,19 +223,16 @@ def main() -> None:
                 r = run_measured(code, stage, workdir, overrides)
                 results[stage] = r
                 tokens = stage_tokens(stage, r["counts"], int(copies * EMBEDDED_TOKENS))
-                base = BASE.get((size, stage))
-                ratio = f"{base['seconds'] / r['seconds']:>8.2f} {r['peak_rss_mib'] / base['peak_rss_mib']:>6.2f}" \
-                    if base and name == "this" else f"{'':>8} {'':>6}"
+                baseline = base.get((size, stage))
+                ratio = f"{baseline['seconds'] / r['seconds']:>8.2f} {r['peak_rss_mib'] / baseline['peak_rss_mib']:>6.2f}" \
+                    if baseline and name == "this" else f"{'':>8} {'':>6}"
                 print(f"{size / 1e6:>7.0f}M {stage:<10} {name[:8]:<8} {r['seconds']:>9.1f} {tokens / r['seconds']:>11,.0f} "
                       f"{r['peak_rss_mib']:>13,.0f} {ratio}" + ("  (reused)" if r["cached"] else ""), flush=True)
                 if name != "this":
-                    BASE[(size, stage)] = r
+                    base[(size, stage)] = r
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
     print("\nspeed x: the baseline's seconds over this commit's; RSS x: this commit's peak over the baseline's.")
-
-
-BASE: dict = {}
 
 
 def prepare_replicated(root: Path, code: Path, workdir: Path, overrides: list[str], copies: int,

@@ -12,12 +12,9 @@ whatever the corpus size. Shards finished before an interruption are kept when t
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
@@ -123,23 +120,6 @@ def schema_text(cfg: PipelineConfig) -> str:
     )
 
 
-@contextlib.contextmanager
-def datasets_progress(enabled: bool) -> Iterator[None]:
-    """datasets' own progress bars follow run.progress; the global switch is restored after."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    if enabled:
-        datasets.enable_progress_bars()
-    else:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_disabled:
-            datasets.disable_progress_bars()
-        else:
-            datasets.enable_progress_bars()
-
-
 def recipe(tok: PreTrainedTokenizerBase, cfg: PipelineConfig) -> Recipe:
     return Recipe(tokenizer_json=tok.backend_tokenizer.to_str(), vocab=MaskingVocab.from_tokenizer(tok),
                   pairs=cfg.pairs, seed=cfg.run.seed, token_dtype=outputs.token_dtype(len(tok)).str)
@@ -152,11 +132,6 @@ def split_jobs(corpus_dir: Path, split: str, n_documents: int, cfg: PipelineConf
 
 
 def build_pairs(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
-    with datasets_progress(cfg.run.progress):
-        return _build_pairs(cfg, ctx)
-
-
-def _build_pairs(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     corpus_dir, tok_dir = ctx.upstream_dir("corpus"), ctx.upstream_dir("tokenizer")
     tok = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.pairs.config import PairsConfig
-from tasks.pairs.masking import MaskingVocab, mask_segments, prediction_budget
+from tasks.pairs.masking import MaskingVocab, mask_segments, prediction_budget, random_next_budget
 
 
 @dataclass
@@ -216,18 +216,14 @@ def make_examples(chunk: TokenizedChunk, rng: np.random.Generator, vocab: Maskin
     example = np.repeat(np.arange(n), run_len)
     seg = np.repeat(np.tile(np.arange(3), n), lengths.ravel())
     pos = np.arange(len(src)) - np.repeat(np.cumsum(run_len) - run_len, run_len)
-    true_b = lb  # A and B: the jointly masked text
-    budget_ab = np.minimum(np.maximum(1, np.round((la + true_b) * p.mask_prob)), p.resolved_max_predictions())
-    in_ab = (seg == 0) | (seg == 2) | ((seg == 1) & ~rnd[example])
     if p.whole_word_mask:
-        chosen = _whole_word_positions(original, example, seg, run_len, lengths, rnd, rng, vocab, p)
+        chosen = _whole_word_positions(original, run_len, lengths, rnd, rng, vocab, p)
     else:
+        in_ab = (seg == 0) | (seg == 2) | ((seg == 1) & ~rnd[example])  # A and B: masked together
         ab = np.flatnonzero(in_ab)
-        chosen_ab = ab[_choose(example[ab], budget_ab.astype(np.int64), rng)]
+        chosen_ab = ab[_choose(example[ab], prediction_budget(la + lb, p), rng)]
         n_a = np.bincount(example[chosen_ab][seg[chosen_ab] == 0], minlength=n)
-        budget_r = np.minimum(np.maximum(np.where(n_a > 0, 0, 1), np.round(lr * p.mask_prob)),
-                              p.resolved_max_predictions() - n_a)
-        budget_r = np.where(rnd, np.maximum(budget_r, 0), 0).astype(np.int64)
+        budget_r = np.where(rnd, random_next_budget(n_a, lr, p), 0)
         rr = np.flatnonzero(~in_ab)
         chosen = np.sort(np.concatenate([chosen_ab, rr[_choose(example[rr], budget_r, rng)]]))
     inputs = original.copy()
@@ -242,9 +238,8 @@ def make_examples(chunk: TokenizedChunk, rng: np.random.Generator, vocab: Maskin
         sentence_order_label=plan.swapped.astype(np.int8), doc_index=plan.doc, nsp_b_doc_index=plan.b_doc)
 
 
-def _whole_word_positions(original: np.ndarray, example: np.ndarray, seg: np.ndarray, run_len: np.ndarray,
-                          lengths: np.ndarray, rnd: np.ndarray, rng: np.random.Generator, vocab: MaskingVocab,
-                          p: PairsConfig) -> np.ndarray:
+def _whole_word_positions(original: np.ndarray, run_len: np.ndarray, lengths: np.ndarray, rnd: np.ndarray,
+                          rng: np.random.Generator, vocab: MaskingVocab, p: PairsConfig) -> np.ndarray:
     """Whole-word masking, pair by pair (BERT's greedy word choice does not vectorise): positions into the
     chunk's stored runs."""
     out = []
@@ -255,11 +250,11 @@ def _whole_word_positions(original: np.ndarray, example: np.ndarray, seg: np.nda
         run = original[base:base + run_len[j]]
         b_at = la + lbp if rnd[j] else la  # where B sits in the run
         a, b = run[:la], run[b_at:b_at + (lb if rnd[j] else lbp)]
-        (_, _), (a_lab, b_lab), _ = mask_segments([a, b], prediction_budget(len(a) + len(b), p), rng, vocab, p)
+        (_, _), (a_lab, b_lab), _ = mask_segments([a, b], int(prediction_budget(len(a) + len(b), p)), rng, vocab, p)
         picked = [np.flatnonzero(a_lab >= 0), b_at + np.flatnonzero(b_lab >= 0)]
         if rnd[j]:
             n_a = len(picked[0])
-            budget = min(max(0 if n_a else 1, round(lbp * p.mask_prob)), p.resolved_max_predictions() - n_a)
+            budget = int(random_next_budget(n_a, lbp, p))
             (_,), (r_lab,), _ = mask_segments([run[la:la + lbp]], budget, rng, vocab, p)
             picked.append(la + np.flatnonzero(r_lab >= 0))
         out.append(base + np.sort(np.concatenate(picked)))

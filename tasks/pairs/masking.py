@@ -36,9 +36,18 @@ class MaskingVocab:
         return cls(mask_id=tok.mask_token_id, random_ids=random_ids, is_continuation=is_continuation)
 
 
-def prediction_budget(n_tokens: int, p: PairsConfig) -> int:
-    """BERT's count of positions to predict in a sequence of n non-special tokens."""
-    return min(max(1, round(n_tokens * p.mask_prob)), p.resolved_max_predictions())
+def prediction_budget(n_tokens, p: PairsConfig):
+    """BERT's count of positions to predict in a sequence of n non-special tokens (an int or an array of
+    them; numpy's round, like Python's, rounds half to even)."""
+    return np.minimum(np.maximum(1, np.round(np.asarray(n_tokens) * p.mask_prob)),
+                      p.resolved_max_predictions()).astype(np.int64)
+
+
+def random_next_budget(n_a, n_random, p: PairsConfig):
+    """The share of a random B' of n_random tokens, on top of the n_a positions A already has: its own
+    15%, at least one position in the pair, and the pair's cap."""
+    own = np.maximum(np.where(np.asarray(n_a) > 0, 0, 1), np.round(np.asarray(n_random) * p.mask_prob))
+    return np.maximum(np.minimum(own, p.resolved_max_predictions() - np.asarray(n_a)), 0).astype(np.int64)
 
 
 def _word_spans(tokens: np.ndarray, seg_starts: np.ndarray, vocab: MaskingVocab) -> tuple[np.ndarray, np.ndarray]:

@@ -41,12 +41,12 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.artifacts import atomic_write_text
 from tasks.stage import StageError
 
 FORMAT = "lightbert-pairs"
@@ -94,8 +94,6 @@ def write_shard(folder: Path, arrays: dict[str, np.ndarray], extra: dict[str, st
 
 
 def write_split_file(split_dir: Path, shards: Sequence[dict[str, Any]], specials: dict[str, int]) -> None:
-    from tasks.artifacts import atomic_write_text
-
     info = {"format": FORMAT, "version": FORMAT_VERSION, **specials, "shards": list(shards)}
     atomic_write_text(split_dir / SPLIT_FILE, json.dumps(info, indent=1, sort_keys=True) + "\n")
 
@@ -103,19 +101,14 @@ def write_split_file(split_dir: Path, shards: Sequence[dict[str, Any]], specials
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class _Shard:
-    arrays: dict[str, np.ndarray]
-
-    @classmethod
-    def open(cls, folder: Path) -> _Shard:
-        return cls({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS})
+def _open_shard(folder: Path) -> dict[str, np.ndarray]:
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
 
 
 class PairsSplit:
-    """One split of the pairs output, read through memory maps: len(ds); ds[i] -> a row dict (int64 arrays); ds[indices]
-    -> columns (lists of arrays), as datasets.Dataset returns them; ds["length"] (any scalar column) -> a
-    numpy array. Views of it keep some columns (select_columns), rename them (rename_columns) or keep the
+    """One split of the pairs output, read through memory maps: len(ds); ds[i] -> a row dict (int64
+    arrays); ds[indices] -> columns (lists of arrays), as datasets.Dataset returns them; ds["length"] (any
+    scalar column) -> a numpy array. Views of it keep some columns (select_columns), rename them (rename_columns) or keep the
     first rows (head), without copying."""
 
     def __init__(self, folder: Path, info: dict[str, Any], columns: Sequence[str] = COLUMNS,
@@ -128,7 +121,7 @@ class PairsSplit:
         self.shard_first_rows = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         total = int(self.shard_first_rows[-1])
         self._len = total if limit is None else min(limit, total)
-        self._shards: dict[int, _Shard] = {}
+        self._shards: dict[int, dict[str, np.ndarray]] = {}
 
     # -- views --------------------------------------------------------------------------------------
     def _view(self, **changes) -> PairsSplit:
@@ -161,20 +154,19 @@ class PairsSplit:
         return {**self.__dict__, "_shards": {}}
 
     # -- rows ---------------------------------------------------------------------------------------
-    def _shard(self, s: int) -> _Shard:
+    def _shard(self, s: int) -> dict[str, np.ndarray]:
         if s not in self._shards:
-            self._shards[s] = _Shard.open(self.folder / self.info["shards"][s]["dir"])
+            self._shards[s] = _open_shard(self.folder / self.info["shards"][s]["dir"])
         return self._shards[s]
 
-    def _locate(self, i: int) -> tuple[_Shard, int]:
+    def _locate(self, i: int) -> tuple[dict[str, np.ndarray], int]:
         if not 0 <= i < self._len:
             raise IndexError(f"row {i} is outside {self.folder} ({self._len} examples)")
         s = int(np.searchsorted(self.shard_first_rows, i, side="right") - 1)
         return self._shard(s), i - int(self.shard_first_rows[s])
 
     def _row(self, i: int) -> dict[str, Any]:
-        shard, j = self._locate(i)
-        a = shard.arrays
+        a, j = self._locate(i)
         o = int(a["offsets"][j])
         la, lbp, lb_stored = (int(x) for x in a["lengths"][j])
         run = np.asarray(a["tokens"][o:o + la + lbp + lb_stored], dtype=np.int64)
@@ -233,7 +225,7 @@ class PairsSplit:
             lo = int(self.shard_first_rows[s])
             if lo >= self._len:
                 return
-            a = self._shard(s).arrays
+            a = self._shard(s)
             yield a, min(self._len - lo, len(a["offsets"]) - 1)
 
     def column(self, name: str) -> np.ndarray | list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -283,8 +284,6 @@ def test_finished_shards_are_kept_when_the_stage_resumes(corpus, tmp_path):
     recipe = build.recipe(tok, cfg)
     first = run_shards(jobs, recipe, 1)
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in jobs[1].out_dir.rglob("*.npy")}
-    import shutil
-
     shutil.rmtree(jobs[1].folder)  # as if killed before shard 1 was renamed into place
     assert run_shards(jobs, recipe, 1) == first
     for p, (inode, mtime, data) in files.items():
