@@ -26,6 +26,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,16 +82,85 @@ def run_measured(code: Path, stage: str, workdir: Path, overrides: list[str]) ->
     with open(out_path, "w") as out, open(out_path.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=code)
         t0 = time.perf_counter()
+        sampler = TreeMemory(proc.pid, trace=workdir.parent / f".{workdir.name}-{stage}.mem")
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [line for line in out_path.read_text().splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = out_path.with_suffix(".err").read_text()[-3000:]
         raise SystemExit(f"{stage} at {code} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result.update(wall_seconds=wall, peak_rss_mib=usage.ru_maxrss / 1024)
+    result.update(wall_seconds=wall, peak_rss_mib=usage.ru_maxrss / 1024, **sampler.peaks())
     return result
+
+
+class TreeMemory(threading.Thread):
+    """Samples /proc of a process and its descendants every `every` seconds: the peak, over time, of
+    the tree's summed anonymous memory (RssAnon: heap, arrays; what memory pressure is made of) and of
+    the largest single process's file-backed resident pages (RssFile: memory-mapped files, which the
+    kernel can drop and re-read). ru_maxrss counts both, so it alone cannot tell a leak from a
+    memory map that was read through. With `trace`, every sample is written there (seconds, MiB anon,
+    MiB file, then pid:anon:file of each process)."""
+
+    def __init__(self, pid: int, every: float = 0.25, trace: Path | None = None):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.trace = pid, every, trace
+        self.anon_peak = self.file_peak = 0
+        self._done = threading.Event()
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        return out
+
+    @staticmethod
+    def _status(pid: int) -> tuple[int, int]:
+        anon = file = 0
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        anon = int(line.split()[1])
+                    elif line.startswith("RssFile:"):
+                        file = int(line.split()[1])
+        except OSError:
+            pass
+        return anon, file
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        log = open(self.trace, "w") if self.trace else None  # noqa: SIM115 - closed below
+        try:
+            while not self._done.wait(self.every):
+                tree = self._tree(self.pid)
+                sizes = [self._status(p) for p in tree]
+                anon, file = sum(a for a, _ in sizes), max((f for _, f in sizes), default=0)
+                self.anon_peak, self.file_peak = max(self.anon_peak, anon), max(self.file_peak, file)
+                if log:
+                    each = " ".join(f"{p}:{a // 1024}:{f // 1024}" for p, (a, f) in zip(tree, sizes, strict=True))
+                    log.write(f"{time.perf_counter() - t0:.2f} {anon / 1024:.0f} {file / 1024:.0f} {each}\n")
+        finally:
+            if log:
+                log.close()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def peaks(self) -> dict[str, float]:
+        return {"peak_anon_mib": self.anon_peak / 1024, "peak_file_mib": self.file_peak / 1024}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +274,7 @@ def main() -> None:
     if args.baseline != "none":
         trees[args.baseline] = baseline_tree(args.baseline, args.root)
     trees["this"] = REPO
-    header = f"{'tokens':>8} {'stage':<10} {'code':<8} {'seconds':>9} {'tokens/s':>11} {'peak RSS MiB':>13} {'speed x':>8} {'RSS x':>6}"
+    header = f"{'tokens':>8} {'stage':<10} {'code':<8} {'seconds':>9} {'tokens/s':>11} {'peak RSS MiB':>13} {'anon MiB':>9} {'mapped MiB':>10} {'speed x':>8} {'RSS x':>6}"
     print(header)
     base: dict = {}  # (size, stage) -> the baseline's result
     for size in sizes:
@@ -227,12 +297,14 @@ def main() -> None:
                 ratio = f"{baseline['seconds'] / r['seconds']:>8.2f} {r['peak_rss_mib'] / baseline['peak_rss_mib']:>6.2f}" \
                     if baseline and name == "this" else f"{'':>8} {'':>6}"
                 print(f"{size / 1e6:>7.0f}M {stage:<10} {name[:8]:<8} {r['seconds']:>9.1f} {tokens / r['seconds']:>11,.0f} "
-                      f"{r['peak_rss_mib']:>13,.0f} {ratio}" + ("  (reused)" if r["cached"] else ""), flush=True)
+                      f"{r['peak_rss_mib']:>13,.0f} {r['peak_anon_mib']:>9,.0f} {r['peak_file_mib']:>10,.0f} {ratio}" + ("  (reused)" if r["cached"] else ""), flush=True)
                 if name != "this":
                     base[(size, stage)] = r
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
-    print("\nspeed x: the baseline's seconds over this commit's; RSS x: this commit's peak over the baseline's.")
+    print("\nspeed x: the baseline's seconds over this commit's; RSS x: this commit's peak over the baseline's. "
+          "anon: the process tree's summed anonymous memory at its peak (sampled every 0.25 s); mapped: the largest "
+          "process's file-backed resident pages (memory-mapped files the kernel can drop).")
 
 
 def prepare_replicated(root: Path, code: Path, workdir: Path, overrides: list[str], copies: int,

@@ -101,6 +101,16 @@ class StageContext:
     def upstream_dir(self, name: str) -> Path:
         return self.upstream[name].dir
 
+    def map_shards(self, fn: Callable[[Any, Any], Any], jobs: list, shared: Any, desc: str) -> list:
+        """[fn(job, shared) for job in jobs], in order: through shard_map when the flow set one, else in
+        run.num_proc local worker processes (tasks/shards.py)."""
+        if self.shard_map is not None:
+            return self.shard_map(fn, jobs, shared)
+        from tasks.shards import run_local
+
+        return run_local(fn, jobs, shared, self.num_proc,
+                         lambda it, total: self.progress(it, desc, total=total, unit="shard"))
+
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
         from tqdm.auto import tqdm
 

@@ -5,4 +5,5 @@ from tasks.corpus.config import CorpusConfig, corpus_key
 from tasks.stage import StageSpec
 
 STAGE = StageSpec(name="corpus", build="tasks.corpus.build:build_corpus", section=CorpusConfig,
-                  key_config=corpus_key, code_modules=("tasks.sources", "tasks.text"))
+                  key_config=corpus_key,
+                  code_modules=("tasks.sources", "tasks.text", "tasks.corpus.shards", "tasks.corpus.select"))

@@ -4,46 +4,40 @@ Output (in the stage directory): Arrow datasets `train/` and `validation/` with 
 id (sha1 of the normalised text), source (the source's label), title ("" when none) and sentences
 (list of strings); `stats.json` (per-source statistics) and `sample.txt` (a few documents to read).
 
-Documents stream from the sources into an Arrow file (`Dataset.from_generator`); the per-document
-work (markup removal, normalisation, sentence splitting) runs in `datasets.map` workers; filtering,
-dedupe, the cap and the train/validation split are one pass over the small columns.
+Every step streams, so memory does not grow with the corpus:
+- documents stream from the sources into one raw Arrow file (`Dataset.from_generator`, one process);
+- the per-document work (markup removal, normalisation, sentence splitting) runs as shards of
+  corpus.shard_documents raw rows (shards.py), in run.num_proc local workers or as Prefect tasks on a
+  Dask cluster (run.task_runner: dask);
+- filtering, de-duplication, the cap and the train/validation split run out of core (select.py);
+- each split is saved from its pieces by datasets, file by file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, DatasetInfo, Features, List, Value
+from datasets import Dataset, DatasetInfo, Features, concatenate_datasets, load_from_disk
 
 from tasks.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from tasks.config import PipelineConfig
-from tasks.corpus.config import corpus_key
+from tasks.corpus.config import corpus_key, output_section
+from tasks.corpus.select import STAT_NAMES, select_documents
+from tasks.corpus.shards import PROCESSED_FEATURES, CleanRecipe, clean_jobs, run_clean_shard
 from tasks.sources import ResolvedSource, iter_documents, resolve_source
 from tasks.stage import StageContext, StageError, StageReport
-from tasks.text import process_document
 
 COLUMNS = ["id", "source", "title", "sentences"]
-RAW_FEATURES = Features({"source": Value("string"), "title": Value("string"), "text": Value("string"),
-                         "markup": Value("string"), "invalid_utf8": Value("bool")})
-PROCESSED_FEATURES = Features({
-    "id": Value("string"), "source": Value("string"), "title": Value("string"),
-    "sentences": List(Value("string")), "num_sentences": Value("int32"), "characters": Value("int64"),
-    "short_sentences_dropped": Value("int32"), "invalid_utf8": Value("bool"),
-})
+OUTPUT_FEATURES = Features({name: PROCESSED_FEATURES[name] for name in COLUMNS})
+RAW_FEATURES = Features({"source": datasets.Value("string"), "title": datasets.Value("string"),
+                         "text": datasets.Value("string"), "markup": datasets.Value("string"),
+                         "invalid_utf8": datasets.Value("bool")})
 SAMPLE_DOCUMENTS = 3
 SAMPLE_SENTENCES = 8
-# Small batches: a Wikipedia article's markup is tens of KB, and the progress bar should move.
-MAP_BATCH_SIZE = 64
-# Per-source statistics, in the order stats.json shows them.
-STAT_NAMES = ("documents", "sentences", "characters", "documents_read", "documents_with_invalid_utf8",
-              "documents_too_short", "duplicates_dropped", "documents_over_cap", "short_sentences_dropped",
-              "files_skipped")
 
 
 def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
@@ -56,25 +50,31 @@ def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
 
     with _datasets_progress(cfg.run.progress):
         raw = _read_sources(sources, ctx.scratch_dir, run_fp)
-        processed = _clean_documents(raw, cfg, ctx, run_fp)
-        splits, per_source = _select_documents(processed, sources, cfg, ctx)
-        if not any(indices for indices, _ in splits.values()):
-            raise StageError(_empty_corpus_message(per_source, sources, cfg))
-        for split, (indices, ids_digest) in splits.items():
-            _save_split(processed, split, indices, ids_digest, cfg, ctx)
-        train_idx, validation_idx = splits["train"][0], splits["validation"][0]
-        sample = processed.select((train_idx or validation_idx)[:SAMPLE_DOCUMENTS], keep_in_memory=True)
+        cleaned = _clean_documents(raw, cfg, ctx)
+    labels = [src.label for src in sources]
+    sel = select_documents(cleaned, labels, c, ctx.scratch_dir, COLUMNS, _piece_writer(ctx.scratch_dir),
+                           lambda it, desc: ctx.progress(it, desc, total=len(cleaned), unit="shard"))
+    per_source = sel.per_source
+    for src in sources:
+        per_source[src.label]["files_skipped"] = src.files_skipped
+    if not any(sel.documents.values()):
+        raise StageError(_empty_corpus_message(per_source, sources, cfg))
+    for split in ("train", "validation"):
+        _save_split(sel.pieces[split], split, sel.digests[split].hexdigest(), cfg, ctx)
+    n_train, n_validation = sel.documents["train"], sel.documents["validation"]
+    shown = load_from_disk(str(ctx.out_dir / ("train" if n_train else "validation")))
+    sample = shown.select(range(min(SAMPLE_DOCUMENTS, len(shown))))
 
     totals = {name: sum(s[name] for s in per_source.values()) for name in STAT_NAMES}
     stats = {"totals": totals, "per_source": per_source,
-             "train_documents": len(train_idx), "validation_documents": len(validation_idx)}
+             "train_documents": n_train, "validation_documents": n_validation}
     atomic_write_json(ctx.out_dir / "stats.json", stats)
     atomic_write_text(ctx.out_dir / "sample.txt", _sample_text(sample))
 
     counts = {
-        "documents_train": len(train_idx), "documents_validation": len(validation_idx),
+        "documents_train": n_train, "documents_validation": n_validation,
         **{name: totals[name] for name in STAT_NAMES if name != "documents"},
-        "sources": len(sources),
+        "sources": len(sources), "shards": len(cleaned),
     }
     details: dict = {"per_source": per_source}
     warnings = corpus_warnings(per_source, sources, cfg)
@@ -136,55 +136,14 @@ def _read_sources(sources: list[ResolvedSource], scratch: Path, run_fp: str) -> 
         raise
 
 
-def _clean_documents(raw: Dataset, cfg: PipelineConfig, ctx: StageContext, run_fp: str) -> Dataset:
-    """Markup removal, normalisation and sentence splitting in parallel; rows stay in reading order."""
-    workers = ctx.num_proc if ctx.num_proc > 1 and len(raw) > MAP_BATCH_SIZE else 1
-    order = None
-    if workers > 1:
-        # datasets gives each worker a contiguous block of rows, and sources differ in cost (parsing
-        # wiki markup is ~50x the work of plain text per character): striping the rows across the
-        # workers balances them. The permutation is undone below.
-        order = _striped_order(len(raw), workers)
-        raw = raw.select(order, indices_cache_file_name=str(ctx.scratch_dir / "striped.arrow"),
-                         new_fingerprint=f"{run_fp}-striped")
-    processed = raw.map(
-        _process_batch, batched=True, batch_size=MAP_BATCH_SIZE, num_proc=workers if workers > 1 else None,
-        fn_kwargs={"language": cfg.corpus.language, "min_sentence_chars": cfg.corpus.min_sentence_chars},
-        features=PROCESSED_FEATURES, remove_columns=["text", "markup"],
-        cache_file_name=str(ctx.scratch_dir / "processed.arrow"), new_fingerprint=f"{run_fp}-processed",
-        desc="corpus: cleaning and splitting documents",
-    )
-    # Re-wrapped (same Arrow table, no copy) so that the saved metadata does not depend on num_proc
-    # (several workers leave split=None, one leaves "train") nor describe the intermediate dataset.
-    processed = Dataset(processed.data, info=DatasetInfo(features=PROCESSED_FEATURES),
-                        fingerprint=f"{run_fp}-processed")
-    if order is None:
-        return processed
-    return processed.select(_inverse(order), new_fingerprint=f"{run_fp}-reading-order",
-                            indices_cache_file_name=str(ctx.scratch_dir / "reading-order.arrow"))
-
-
-def _striped_order(n: int, workers: int) -> list[int]:
-    """Rows 0, w, 2w, ..., then 1, w+1, ...: each of the w contiguous blocks datasets hands out
-    gets every w-th document."""
-    return [i for k in range(workers) for i in range(k, n, workers)]
-
-
-def _inverse(order: list[int]) -> list[int]:
-    inverse = [0] * len(order)
-    for position, row in enumerate(order):
-        inverse[row] = position
-    return inverse
-
-
-def _process_batch(batch: dict[str, list], language: str, min_sentence_chars: int) -> dict[str, list]:
-    out: dict[str, list] = defaultdict(list)
-    for text, markup in zip(batch["text"], batch["markup"], strict=True):
-        doc = process_document(text, markup, language, min_sentence_chars)
-        for key in ("id", "sentences", "characters", "short_sentences_dropped"):
-            out[key].append(doc[key])
-        out["num_sentences"].append(len(doc["sentences"]))
-    return {**out, "source": batch["source"], "title": batch["title"], "invalid_utf8": batch["invalid_utf8"]}
+def _clean_documents(raw: Dataset, cfg: PipelineConfig, ctx: StageContext) -> list[Path]:
+    """The cleaned shards' files, in reading order (each shard keeps its rows' order)."""
+    c = cfg.corpus
+    folder = ctx.scratch_dir / "cleaned"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = clean_jobs([f["filename"] for f in raw.cache_files], len(raw), c.shard_documents, folder)
+    ctx.map_shards(run_clean_shard, jobs, CleanRecipe(c.language, c.min_sentence_chars), "cleaning documents")
+    return [job.out_file for job in jobs]
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -192,59 +151,36 @@ def is_validation(doc_id: str, fraction: float) -> bool:
     return int(doc_id[:8], 16) / 2**32 < fraction
 
 
-def _select_documents(processed: Dataset, sources: list[ResolvedSource], cfg: PipelineConfig,
-                      ctx: StageContext) -> tuple[dict[str, tuple[list[int], str]], dict[str, dict[str, int]]]:
-    """Filter, dedupe (first occurrence wins), cap and split, reading only the small columns.
+def _piece_writer(scratch: Path):
+    """write_piece(table, split, k) for select_documents: one Arrow file per cleaned shard and split."""
+    from datasets.arrow_writer import ArrowWriter
 
-    Returns {split: (row indices, sha256 of its ids in order)} and the per-source statistics."""
-    c = cfg.corpus
-    per_source = {s.label: dict.fromkeys(STAT_NAMES, 0) for s in sources}
-    for s in sources:
-        per_source[s.label]["files_skipped"] = s.files_skipped
-    seen: set[str] = set()
-    train: list[int] = []
-    validation: list[int] = []
-    digests = {"train": hashlib.sha256(), "validation": hashlib.sha256()}
-    small = processed.select_columns(["id", "source", "num_sentences", "characters", "short_sentences_dropped",
-                                      "invalid_utf8"])
-    row = 0
-    batches = small.iter(batch_size=10_000)
-    for batch in ctx.progress(batches, "selecting documents", total=-(-len(small) // 10_000), unit="batch"):
-        for doc_id, label, n_sentences, n_chars, short, invalid in zip(*batch.values(), strict=True):
-            stats = per_source[label]
-            stats["documents_read"] += 1
-            stats["documents_with_invalid_utf8"] += invalid
-            stats["short_sentences_dropped"] += short
-            if n_sentences < c.min_document_sentences:
-                stats["documents_too_short"] += 1
-            elif c.dedupe and doc_id in seen:
-                stats["duplicates_dropped"] += 1
-            elif c.max_documents is not None and len(train) + len(validation) >= c.max_documents:
-                stats["documents_over_cap"] += 1
-            else:
-                seen.add(doc_id)
-                stats["documents"] += 1
-                stats["sentences"] += n_sentences
-                stats["characters"] += n_chars
-                split = "validation" if is_validation(doc_id, c.validation_fraction) else "train"
-                (validation if split == "validation" else train).append(row)
-                digests[split].update(doc_id.encode())
-            row += 1
-    return {"train": (train, digests["train"].hexdigest()),
-            "validation": (validation, digests["validation"].hexdigest())}, per_source
+    folder = scratch / "pieces"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write_piece(table, split: str, k: int) -> Path:
+        path = folder / f"{split}-{k:05d}.arrow"
+        writer = ArrowWriter(features=OUTPUT_FEATURES, path=str(path))
+        try:
+            writer.write_table(table)
+            writer.finalize()
+        finally:
+            writer.close()
+        return path
+
+    return write_piece
 
 
-def _save_split(processed: Dataset, split: str, indices: list[int], ids_digest: str, cfg: PipelineConfig,
-                ctx: StageContext) -> None:
+def _save_split(pieces: list[Path], split: str, ids_digest: str, cfg: PipelineConfig, ctx: StageContext) -> None:
     # The saved fingerprint comes from the content (ids in order) and the configuration, not from
     # where the inputs live, so two runs on the same input write byte-identical files.
-    fp = sha256_json({"split": split, "ids": ids_digest, "corpus": cfg.section("corpus")})[:32]
-    rows = processed.select(indices, indices_cache_file_name=str(ctx.scratch_dir / f"{split}-rows.arrow"),
-                            new_fingerprint=f"{fp}-rows")
-    # An empty split needs num_shards=1: datasets would write no shard at all, and then cannot load it
-    # back (an empty validation split is normal with validation_fraction=0).
-    rows.select_columns(COLUMNS, new_fingerprint=fp).save_to_disk(str(ctx.out_dir / split),
-                                                                  num_shards=None if indices else 1)
+    fp = sha256_json({"split": split, "ids": ids_digest, "corpus": output_section(cfg)})[:32]
+    if pieces:
+        table = concatenate_datasets([Dataset.from_file(str(p)) for p in pieces]).data
+    else:  # datasets would write no shard at all for an empty split, and then cannot load it back
+        table = Dataset.from_dict({name: [] for name in COLUMNS}, features=OUTPUT_FEATURES).data
+    Dataset(table, info=DatasetInfo(features=OUTPUT_FEATURES), fingerprint=fp).save_to_disk(
+        str(ctx.out_dir / split), num_shards=None if pieces else 1)
 
 
 def _empty_corpus_message(per_source: dict[str, dict[str, int]], sources: list[ResolvedSource],

@@ -74,6 +74,8 @@ class CorpusConfig(Section):
     min_sentence_chars: int = Field(2, ge=1)
     min_document_sentences: int = Field(2, ge=1, description="shorter documents are dropped")
     max_documents: int | None = Field(None, ge=1, description="cap on documents kept, after dedupe")
+    shard_documents: int = Field(5000, ge=1, description="raw documents per cleaning shard (one task each; "
+                                 "memory per worker: one shard's cleaned rows at most)")
     dedupe: bool = True
     max_bad_char_share: float = Field(
         0.2, gt=0.0, le=1.0, description="a text file whose sampled characters are more than this share invalid "
@@ -97,6 +99,11 @@ class CorpusConfig(Section):
         return v
 
 
+def output_section(cfg) -> dict[str, Any]:
+    """The corpus section less what decides only how the work is cut (the output does not depend on it)."""
+    return {k: v for k, v in cfg.section("corpus").items() if k != "shard_documents"}
+
+
 def corpus_key(cfg) -> dict[str, Any]:
     """What decides the output: the corpus section, the local files (by stat, not content), and the
     embedded sources' manifest entries (their checksums pin the fetched data)."""
@@ -104,7 +111,7 @@ def corpus_key(cfg) -> dict[str, Any]:
 
     sources = cfg.corpus.sources
     return {
-        "corpus": cfg.section("corpus"),
+        "corpus": output_section(cfg),
         "local_inputs": [local_input_stats(s, i) for i, s in enumerate(sources) if s.path],
         "embedded": {s.name: embedded_sources().get(s.name) for s in sources if s.name},
     }

@@ -25,7 +25,7 @@ from tasks.config import PipelineConfig
 from tasks.corpus.outputs import load_split as load_corpus_split
 from tasks.pairs import instances, outputs
 from tasks.pairs.masking import IGNORE_INDEX, MaskingVocab
-from tasks.pairs.shards import Recipe, ShardJob, chunk_bounds, run_shard, run_shards
+from tasks.pairs.shards import Recipe, ShardJob, chunk_bounds, run_shard
 from tasks.stage import StageContext, StageError, StageReport
 
 SPLITS = ("train", "validation")
@@ -146,11 +146,7 @@ def build_pairs(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     for name in SPLITS:
         jobs = split_jobs(corpus_dir, name, documents[name], cfg, ctx.out_dir)
         jobs[0].out_dir.mkdir(parents=True, exist_ok=True)
-        if ctx.shard_map is not None:  # e.g. Prefect tasks on a Dask cluster
-            shards = ctx.shard_map(run_shard, jobs, shared)
-        else:
-            shards = run_shards(jobs, shared, ctx.num_proc,
-                                lambda it, total, name=name: ctx.progress(it, f"{name} shards", total=total))
+        shards = ctx.map_shards(run_shard, jobs, shared, f"{name} shards")
         stats = split_counts(shards)
         if stats["examples"] == 0:
             raise StageError(f"the {name} split made no pairs; its documents are too short, add text")

@@ -131,30 +131,3 @@ def run_shard(job: ShardJob, recipe: Recipe) -> dict[str, Any]:
              "corpus_tokens": int(len(chunk.tokens)), **shard_stats(arrays)}
     outputs.write_shard(job.folder, arrays, extra={STATS_FILE: json.dumps(stats, sort_keys=True)})
     return stats
-
-
-# Worker processes get the recipe once, at start.
-_RECIPE: Recipe | None = None
-
-
-def _init_worker(recipe: Recipe) -> None:
-    global _RECIPE
-    _RECIPE = recipe
-
-
-def _run_in_worker(job: ShardJob) -> dict[str, Any]:
-    assert _RECIPE is not None
-    return run_shard(job, _RECIPE)
-
-
-def run_shards(jobs: list[ShardJob], recipe: Recipe, num_proc: int, progress=lambda it, total: it) -> list[dict[str, Any]]:
-    """Every job, in order: in this process, or in num_proc forked workers (re-importing the stack makes
-    spawn slow: the parent never encodes, so fork is safe) that each build one shard at a time."""
-    if num_proc <= 1 or len(jobs) <= 1:
-        return [run_shard(job, recipe) for job in progress(jobs, len(jobs))]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(num_proc, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_worker, initargs=(recipe,)) as pool:
-        return list(progress(pool.map(_run_in_worker, jobs), len(jobs)))

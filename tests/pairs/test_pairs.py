@@ -16,8 +16,9 @@ from tasks.config import load_config
 from tasks.pairs import build, outputs
 from tasks.pairs.instances import fit_lengths, tokenize_chunk
 from tasks.pairs.masking import IGNORE_INDEX
-from tasks.pairs.shards import run_shards
+from tasks.pairs.shards import run_shard
 from tasks.pipeline import SPECS
+from tasks.shards import run_local
 from tasks.stage import StageError, StageRecord, run_stage
 
 MAX_LEN = 32
@@ -282,10 +283,10 @@ def test_finished_shards_are_kept_when_the_stage_resumes(corpus, tmp_path):
     jobs = build.split_jobs(corpus.dir, "train", 300, cfg, tmp_path / "out")
     jobs[0].out_dir.mkdir(parents=True)
     recipe = build.recipe(tok, cfg)
-    first = run_shards(jobs, recipe, 1)
+    first = run_local(run_shard, jobs, recipe, 1)
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in jobs[1].out_dir.rglob("*.npy")}
     shutil.rmtree(jobs[1].folder)  # as if killed before shard 1 was renamed into place
-    assert run_shards(jobs, recipe, 1) == first
+    assert run_local(run_shard, jobs, recipe, 1) == first
     for p, (inode, mtime, data) in files.items():
         assert p.read_bytes() == data
         kept = p.parent != jobs[1].folder
