@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,6 +260,80 @@ def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torc
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheRecipe:
+    """What every shard of a run shares (sent once to each worker)."""
+
+    teacher_dir: Path
+    pairs_dir: Path
+    out_dir: Path
+    views: tuple[str, ...]
+    layers: tuple[int, ...]
+    top_k: int
+    positions: str
+    hidden_positions: str
+    batch_tokens: int
+    precision: str
+
+
+def view_collators(tconf: BertConfig, views, rt: engine.Runtime) -> dict[str, engine.PadCollator]:
+    pad_id = tconf.pad_token_id if tconf.pad_token_id is not None else 0
+    multiple = 8 if rt.device.type == "cuda" else 1
+    return {v: engine.PadCollator(VIEW_COLUMNS[v][:4], {VIEW_COLUMNS[v][0]: pad_id, VIEW_COLUMNS[v][3]: IGNORE_INDEX},
+                                  multiple) for v in views}
+
+
+def finish_shard(shard: ShardPlan, slots: list, recipe: CacheRecipe, tconf: BertConfig) -> tuple[dict, dict]:
+    """Pack and write one shard's outputs: (its file record {sha256, size}, its counts)."""
+    tensors = pack_shard(shard.start, slots, list(recipe.layers), tconf.vocab_size, tconf.max_position_embeddings,
+                         tconf.hidden_size)
+    meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
+            "top_k": str(recipe.top_k), "positions": recipe.positions, "hidden_positions": recipe.hidden_positions,
+            "layers": ",".join(map(str, recipe.layers))}
+    record = write_shard(recipe.out_dir / shard.file, tensors, meta)
+    return record, {"examples": len(slots), "positions": len(tensors["positions"]),
+                    "hidden_positions": len(tensors["hidden_positions"]),
+                    "mass_sum": float(tensors["topk_mass"].astype(np.float64).sum())}
+
+
+_WORKER_STATE: dict[tuple, Any] = {}  # a worker process's teacher and pairs, loaded for its first shard
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    shard: ShardPlan
+    lengths: np.ndarray  # the shard's examples' lengths (its batches are planned from them)
+
+    @property
+    def name(self) -> str:
+        return self.shard.file.removesuffix(".safetensors")
+
+
+def run_cache_shard(job: CacheJob, recipe: CacheRecipe) -> tuple[dict, dict]:
+    """One shard computed on its own (a task on a Dask worker): the teacher and the pairs split are
+    loaded once per worker process. Returns finish_shard's (record, counts) with the device used."""
+    shard = job.shard
+    key = (str(recipe.teacher_dir), str(recipe.pairs_dir), shard.split, recipe.precision)
+    if key not in _WORKER_STATE:
+        _WORKER_STATE.clear()
+        saved = load_saved(recipe.teacher_dir)
+        rt = engine.setup_runtime(recipe.precision)
+        data = pairs_output.load_split(recipe.pairs_dir, shard.split, views=recipe.views)
+        _WORKER_STATE[key] = (saved.config, saved.load_model().to(rt.device), rt, data)
+    tconf, model, rt, data = _WORKER_STATE[key]
+    collate = view_collators(tconf, [shard.view], rt)[shard.view]
+    columns = data.select_columns(list(VIEW_COLUMNS[shard.view][:4]))
+    slots: list[ExampleOutputs | None] = [None] * (shard.stop - shard.start)
+    for idx in token_budget_batches(job.lengths, recipe.batch_tokens):
+        batch = collate(columns[(idx + shard.start).tolist()])
+        outs = teacher_outputs(model, batch, shard.view, list(recipe.layers), recipe.top_k, recipe.positions,
+                               recipe.hidden_positions, rt)
+        for j, o in zip(idx.tolist(), outs, strict=True):
+            slots[j] = o
+    record, counts = finish_shard(shard, slots, recipe, tconf)
+    return record, {**counts, "device": str(rt.device), "precision": rt.precision}
+
+
 def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t_start = time.perf_counter()
     cc = cfg.cache
@@ -290,15 +365,23 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     tokens = {s.file: int(lengths[s.split, s.view][s.start:s.stop].sum()) for s in plan}
     stats = {rel: {**shard_stats(ctx.out_dir / rel), "tokens": tokens[rel]} for rel in finished}
 
-    compute_s, computed_tokens, rt = 0.0, 0, None
-    if todo:
+    recipe = CacheRecipe(ctx.upstream_dir("teacher"), pairs_dir, ctx.out_dir, tuple(cc.views), tuple(layers), top_k,
+                         cc.positions, cc.hidden_positions, cc.batch_tokens, cc.precision)
+    compute_s, computed_tokens, device, precision = 0.0, 0, None, None
+    if todo and ctx.shard_map is not None:  # e.g. Prefect tasks on a Dask cluster: each worker loads the teacher once
+        t0 = time.perf_counter()
+        jobs = [CacheJob(s, lengths[s.split, s.view][s.start:s.stop]) for s in todo]
+        for shard, (record, counts) in zip(todo, ctx.shard_map(run_cache_shard, jobs, recipe), strict=True):
+            device, precision = counts.pop("device"), counts.pop("precision")
+            finished[shard.file], stats[shard.file] = record, {**counts, "tokens": tokens[shard.file]}
+            computed_tokens += tokens[shard.file]
+        atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
+        compute_s = time.perf_counter() - t0
+    elif todo:
         rt = engine.setup_runtime(cc.precision)
+        device, precision = str(rt.device), rt.precision
         model = saved.load_model().to(rt.device)
-        pad_id = tconf.pad_token_id if tconf.pad_token_id is not None else 0
-        multiple = 8 if rt.device.type == "cuda" else 1
-        collate = {v: engine.PadCollator(VIEW_COLUMNS[v][:4], {VIEW_COLUMNS[v][0]: pad_id,
-                                                              VIEW_COLUMNS[v][3]: IGNORE_INDEX}, multiple)
-                   for v in cc.views}
+        collate = view_collators(tconf, cc.views, rt)
         columns = {(s, v): data[s].select_columns(list(VIEW_COLUMNS[v][:4])) for s in cc.splits for v in cc.views}
         batches = {s.file: token_budget_batches(lengths[s.split, s.view][s.start:s.stop], cc.batch_tokens)
                    for s in todo}
@@ -326,16 +409,9 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                 slots[j] = o
             if not last:
                 continue
-            tensors = pack_shard(shard.start, slots, layers, tconf.vocab_size, tconf.max_position_embeddings,
-                                 tconf.hidden_size)
-            meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
-                    "top_k": str(top_k), "positions": cc.positions, "hidden_positions": cc.hidden_positions,
-                    "layers": ",".join(map(str, layers))}
-            finished[shard.file] = write_shard(ctx.out_dir / shard.file, tensors, meta)
+            finished[shard.file], shard_stats_ = finish_shard(shard, slots, recipe, tconf)
             atomic_write_json(ctx.out_dir / PROGRESS, {"shards": finished})
-            stats[shard.file] = {"examples": len(slots), "positions": len(tensors["positions"]),
-                                 "hidden_positions": len(tensors["hidden_positions"]), "tokens": tokens[shard.file],
-                                 "mass_sum": float(tensors["topk_mass"].astype(np.float64).sum())}
+            stats[shard.file] = {**shard_stats_, "tokens": tokens[shard.file]}
             computed_tokens += stats[shard.file]["tokens"]
             compute_s = time.perf_counter() - t0
             slots = []
@@ -367,8 +443,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                  "hidden_positions": cc.hidden_positions, "has_soft_labels": soft,
                  "soft_labels": f"top-{top_k} at the {cc.positions} positions" if soft
                  else f"none: the teacher has no MLM head (teacher.mlm_head: {saved.mlm_head}); hidden states only",
-                 "estimate": estimate, "device": str(rt.device) if rt else None,
-                 "precision": rt.precision if rt else None,
+                 "estimate": estimate, "device": device, "precision": precision,
                  "kept_from": {rel: m["kept_from"] for rel, m in finished.items() if "kept_from" in m}},
     )
 

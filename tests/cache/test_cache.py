@@ -459,3 +459,24 @@ def test_bytes_per_token_at_bert_base_shape(tmp_path, n_layers, limit):
     estimate = estimate_cache_bytes({"train/nsp": part}, n_layers=n_layers, **BERT_BASE)["total"]
     assert abs(size - estimate) / size < 0.002, (size, estimate)
     assert size / part.tokens <= limit
+
+
+@pytest.mark.slow
+def test_shards_on_a_dask_cluster_write_what_the_local_loop_writes(make_config, tmp_path, upstream):
+    """The path run.task_runner: dask takes (one task per shard, the teacher loaded once per worker
+    process), on a real 2-process local Dask cluster: the same files as the stage's own loop."""
+    from distributed import Client, LocalCluster
+
+    cfg = make_config(*SMALL)
+    local = run_stage(SPECS["cache"], cfg, tmp_path / "local", upstream)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        def shard_map(fn, jobs, shared):
+            futures = client.map(fn, jobs, [shared] * len(jobs), key=[f"cache-{job.name}" for job in jobs])
+            return client.gather(futures)
+
+        on_dask = run_stage(SPECS["cache"], cfg, tmp_path / "dask", upstream, shard_map=shard_map)
+        workers = {w["id"] for w in client.scheduler_info()["workers"].values()}
+    assert on_dask.manifest["counts"]["shards_computed"] == local.manifest["counts"]["shards"] >= 2
+    assert len(workers) == 2
+    assert on_dask.manifest["output_fingerprint"] == local.manifest["output_fingerprint"]
