@@ -167,7 +167,7 @@ def intermediate_terms(matches: Sequence[Match], student_hidden: Sequence[torch.
     for m in matches:
         if m.feature == "hidden":
             terms[m.name] = hidden_loss(student_hidden[m.student_layer][hidden_where], teacher_hidden[m.teacher_layer],
-                                        m.loss, projections.get(m.name) if m.name in projections else None)
+                                        m.loss, projections[m.name] if m.name in projections else None)
         else:
             terms[m.name] = attention_loss(student_scores[m.student_layer], teacher_scores[m.teacher_layer],
                                            attention_mask, m.attention)
