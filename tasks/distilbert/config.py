@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from models.distilbert import resolve_layer_map
-from models.intermediate import Match, check_matches
+from models.matches import Match, check_matches
 from tasks.section import Section, TrainingConfig
 
 ABLATION_ROWS = ("triple", "no_cos", "no_cos_no_mlm", "random_init", "random_init_mlm_only", "no_inter")
@@ -198,5 +197,7 @@ def cached_layers(hidden_layers, n_teacher: int, d: DistilbertConfig) -> list[in
     if hidden_layers == "last":
         return [n_teacher]
     if hidden_layers == "mapped":
+        from models.distilbert import resolve_layer_map  # imports torch: only when a match needs it
+
         return sorted({*resolve_layer_map(n_teacher, d.num_layers, d.layer_map), n_teacher})
     return list(hidden_layers)
