@@ -49,8 +49,10 @@ SOP_INPUTS = ("sop_input_ids", "sop_token_type_ids", "sop_attention_mask", "sop_
 def albert_config(vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, num_heads: int,
                   intermediate_size: int, max_position_embeddings: int, sharing: Sharing = "all",
                   pad_token_id: int = 0, bos_token_id: int = 2, eos_token_id: int = 3,
-                  dropout: float = 0.0) -> AlbertConfig:
-    """An AlbertConfig for one of the sharing modes; the mode is kept as config.lightbert_sharing."""
+                  dropout: float = 0.0, hidden_act: str = "gelu_new") -> AlbertConfig:
+    """An AlbertConfig for one of the sharing modes; the mode is kept as config.lightbert_sharing.
+    hidden_act: ALBERT's gelu_new (tanh approximation) by default; BERT's gelu for an ALBERT initialised
+    from a BERT teacher (models/albert_init.py), whose copied layer must compute what the teacher's does."""
     if sharing not in SHARING_MODES:
         raise ValueError(f"sharing must be one of {', '.join(SHARING_MODES)} (got {sharing!r})")
     config = AlbertConfig(
@@ -70,6 +72,7 @@ def albert_config(vocab_size: int, embedding_size: int, hidden_size: int, num_la
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         classifier_dropout_prob=dropout,
+        hidden_act=hidden_act,
         attn_implementation="sdpa",
     )
     config.lightbert_sharing = sharing

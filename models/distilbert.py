@@ -76,8 +76,12 @@ def resolve_layer_map(n_teacher: int, num_layers: int | None = None,
     return layer_map
 
 
-def student_config(teacher: BertConfig, num_layers: int, dropout: float | None = None) -> DistilBertConfig:
-    """The teacher's width, heads, FFN size, vocabulary and positions; `num_layers` layers."""
+def student_config(teacher: BertConfig, num_layers: int, dropout: float | None = None,
+                   hidden_size: int | None = None, num_heads: int | None = None,
+                   intermediate_size: int | None = None) -> DistilBertConfig:
+    """The teacher's width, heads, FFN size, vocabulary and positions; `num_layers` layers. hidden_size,
+    num_heads, intermediate_size (None = the teacher's) make a narrower student (TinyBERT's 312 x 12 heads
+    x 1200 FFN), which cannot be initialised from the teacher's layers."""
     act = teacher.hidden_act if isinstance(teacher.hidden_act, str) else "gelu"
     drop = teacher.hidden_dropout_prob if dropout is None else dropout
     return DistilBertConfig(
@@ -85,9 +89,9 @@ def student_config(teacher: BertConfig, num_layers: int, dropout: float | None =
         max_position_embeddings=teacher.max_position_embeddings,
         sinusoidal_pos_embds=False,
         n_layers=num_layers,
-        n_heads=teacher.num_attention_heads,
-        dim=teacher.hidden_size,
-        hidden_dim=teacher.intermediate_size,
+        n_heads=num_heads or teacher.num_attention_heads,
+        dim=hidden_size or teacher.hidden_size,
+        hidden_dim=intermediate_size or teacher.intermediate_size,
         dropout=drop,
         attention_dropout=teacher.attention_probs_dropout_prob if dropout is None else dropout,
         activation=act,
@@ -98,9 +102,17 @@ def student_config(teacher: BertConfig, num_layers: int, dropout: float | None =
     )
 
 
-def build_student(teacher_config: BertConfig, num_layers: int, dropout: float | None = None) -> DistilBertForMaskedLM:
-    """A freshly (randomly) initialised student; `init_student_from_teacher` then copies the teacher in."""
-    return DistilBertForMaskedLM(student_config(teacher_config, num_layers, dropout))
+def build_student(teacher_config: BertConfig, num_layers: int, dropout: float | None = None,
+                  **width: int | None) -> DistilBertForMaskedLM:
+    """A freshly (randomly) initialised student; `init_student_from_teacher` then copies the teacher in.
+    width: student_config's hidden_size / num_heads / intermediate_size (None = the teacher's)."""
+    return DistilBertForMaskedLM(student_config(teacher_config, num_layers, dropout, **width))
+
+
+def same_shape_as_teacher(teacher: BertConfig, student: DistilBertConfig) -> bool:
+    """Whether the student's blocks have the teacher's width, heads and FFN size (what copying layers needs)."""
+    return (student.dim, student.n_heads, student.hidden_dim) == (
+        teacher.hidden_size, teacher.num_attention_heads, teacher.intermediate_size)
 
 
 def parameter_map(layer_map: Sequence[int], with_head: bool = True) -> dict[str, str]:

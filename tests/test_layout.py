@@ -140,7 +140,8 @@ def test_every_list_of_stages_and_names_comes_from_the_registry():
     assert TRAINING_STAGES == ("teacher", "distilbert", "albert")
     assert REGISTERED_NAMES == {"teacher": "lightbert-teacher", "distilbert": "lightbert-distilbert",
                                 "albert-scratch": "lightbert-albert-scratch",
-                                "albert-distilled": "lightbert-albert-distilled"}
+                                "albert-distilled": "lightbert-albert-distilled",
+                                "albert-teacher": "lightbert-albert-teacher"}
     assert MODEL_NAMES[0] == "teacher" and STUDENT_NAMES == MODEL_NAMES[1:]
     for spec in SPECS.values():
         assert set(spec.upstream) <= set(STAGES[: STAGES.index(spec.name)]), f"{spec.name} runs before its upstream"

@@ -1,5 +1,5 @@
 """ALBERT stage: train an ALBERT (factorised embeddings, cross-layer sharing, sentence-order prediction)
-two ways, each with the shared training engine, and evaluate both on the validation pairs' SOP view.
+two or three ways, each with the shared training engine, and evaluate each on the validation pairs' SOP view.
 
 - scratch: masked LM + SOP on the pairs' SOP view (`sop_input_ids`, `sop_labels`, `sentence_order_label`).
 - distilled: a student of the teacher, from the teacher cache built over the same SOP view:
@@ -10,6 +10,10 @@ two ways, each with the shared training engine, and evaluate both on the validat
   sizes differ the student's side goes through a learned nn.Linear(H_student, H_teacher), trained with the
   student and dropped at save. A teacher without an MLM head (teacher.mlm_head: none) has no soft labels:
   Lce is dropped and the result says so.
+- teacher: initialised from the teacher (models/albert_init.py: the word embeddings from a truncated SVD of
+  the teacher's, the shared layer copied from teacher layer albert.init_layer, positions, token types and
+  the pooler copied or projected), then trained as scratch (MLM + SOP), so that it differs from scratch
+  only by its start. It uses the teacher's activation (gelu) where the others use ALBERT's gelu_new.
 
 Both variants start from the same initial weights and see the same batch order (same seed), so their
 difference is the teacher. Output per variant: `<variant>/model/` (save_pretrained safetensors + the
@@ -20,6 +24,7 @@ stage resumes there (a finished variant is not trained again) and are dropped wh
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +44,7 @@ from models.albert import (
     build_albert_for_pretraining,
     count_parameters,
 )
+from models.albert_init import check_albert_fits_teacher, default_init_layer, init_albert_from_teacher
 from models.bert import IGNORE_INDEX
 from models.losses import cosine_loss, gather_support, soft_label_loss
 from tasks import engine, scoring
@@ -58,7 +64,7 @@ from tasks.scoring import wilson_interval
 from tasks.stage import StageContext, StageError, StageReport
 from tasks.teacher.outputs import load_saved
 
-VARIANTS = ("scratch", "distilled")
+VARIANTS = ("scratch", "distilled", "teacher")
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
@@ -202,17 +208,40 @@ def check_distillation_inputs(cfg: PipelineConfig, cache_dir: Path, teacher: Ber
     return teacher.num_hidden_layers
 
 
+def teacher_init_config(config: AlbertConfig, teacher: BertConfig) -> AlbertConfig:
+    """The teacher variant's shape: the stage's, with the teacher's activation (its copied layer's)."""
+    config = copy.deepcopy(config)
+    config.hidden_act = teacher.hidden_act if isinstance(teacher.hidden_act, str) else "gelu"
+    return config
+
+
+def init_from_teacher(albert: AlbertForPreTraining, saved, layer: int | None) -> dict[str, Any]:
+    """Copy the saved teacher into the teacher variant (models/albert_init.py); StageError when it cannot."""
+    model = saved.load_model()
+    layer = layer or default_init_layer(model.config.num_hidden_layers)
+    try:
+        return init_albert_from_teacher(model, albert, layer)
+    except ValueError as exc:
+        raise StageError(f"albert's teacher variant: {exc}") from exc
+
+
 def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: AlbertConfig, tok,
                   teacher: BertConfig, val_ds: PairsSplit, collate: engine.PadCollator,
-                  soft_labels: bool = True) -> dict[str, Any]:
-    """Train, evaluate and save one variant; returns its result (also written to <variant>/result.json)."""
+                  soft_labels: bool = True, saved=None) -> dict[str, Any]:
+    """Train, evaluate and save one variant; returns its result (also written to <variant>/result.json).
+    saved: the SavedTeacher, which the teacher variant is initialised from."""
     acfg = cfg.albert
     vdir = ctx.out_dir / variant
     pad_multiple = 8 if torch.cuda.is_available() else 1
     pairs_dir = ctx.upstream_dir("pairs")
-    torch.manual_seed(ctx.seed)  # both variants start from the same weights
-    albert = build_albert_for_pretraining(config)
-    if variant == "scratch":
+    torch.manual_seed(ctx.seed)  # every variant starts from the same weights (the teacher one: then overwritten)
+    init_info = None
+    if variant == "teacher":
+        albert = build_albert_for_pretraining(teacher_init_config(config, teacher))
+        init_info = init_from_teacher(albert, saved, acfg.init_layer)
+    else:
+        albert = build_albert_for_pretraining(config)
+    if variant in ("scratch", "teacher"):
         model: nn.Module = albert
         train_data: Any = pairs.load_split(pairs_dir, "train").select_columns([*SOP_INPUTS, LENGTH])
         train_collate: Any = collate
@@ -252,8 +281,22 @@ def train_variant(variant: str, cfg: PipelineConfig, ctx: StageContext, config: 
            "examples_train": len(train_data)}
     if variant == "distilled":
         out["losses_used"], out["dropped"] = distilled_losses(acfg, soft_labels)
+    if init_info is not None:
+        out["init"] = init_info
+        counts["init_svd_relative_error"] = init_info["svd_relative_error"]
     engine.finish_run(vdir / CHECKPOINTS, vdir / RESULT, out)
     return out
+
+
+def check_teacher_variant(acfg: AlbertSectionConfig, config: AlbertConfig, teacher: BertConfig) -> None:
+    """The teacher variant's ALBERT can take the teacher's weights (a pretrained teacher is known only here)."""
+    try:
+        check_albert_fits_teacher(teacher_init_config(config, teacher), teacher)
+    except ValueError as exc:
+        raise StageError(f"albert's teacher variant: {exc}") from exc
+    if acfg.init_layer is not None and acfg.init_layer > teacher.num_hidden_layers:
+        raise StageError(f"albert.init_layer ({acfg.init_layer}) is above the teacher's {teacher.num_hidden_layers} "
+                         "layers: lower it or leave it unset (the middle layer)")
 
 
 def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
@@ -269,6 +312,8 @@ def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         if not used:
             raise StageError("albert's distilled variant has nothing to train on: every weight but alpha_ce is 0 "
                              "and the teacher has no MLM head; raise albert.alpha_mlm, alpha_sop or alpha_cos")
+    if "teacher" in acfg.variants:  # fail before any training, not after the other variants
+        check_teacher_variant(acfg, config, teacher)
     collate = sop_collator(tok.pad_token_id, 8 if torch.cuda.is_available() else 1)
     val_ds = pairs.load_split(ctx.upstream_dir("pairs"), "validation").select_columns([*SOP_INPUTS, LENGTH])
 
@@ -282,7 +327,8 @@ def build_albert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             result = json.loads(result_path.read_text(encoding="utf-8"))  # finished by an interrupted attempt
             result["kept_from_interrupted_attempt"] = True
         else:
-            result = train_variant(variant, cfg, ctx, config, tok, teacher, val_ds, collate, saved.has_mlm_head)
+            result = train_variant(variant, cfg, ctx, config, tok, teacher, val_ds, collate, saved.has_mlm_head,
+                                   saved)
             if not result:  # another rank of a torchrun launch: it trains every variant, rank 0 writes
                 continue
         counts.update({f"{variant}_{k}": v for k, v in result["counts"].items()})

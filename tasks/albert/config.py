@@ -10,10 +10,14 @@ from tasks.section import Section, TrainingConfig
 
 
 class AlbertSectionConfig(Section):
-    variants: list[Literal["scratch", "distilled"]] = Field(
+    variants: list[Literal["scratch", "distilled", "teacher"]] = Field(
         default_factory=lambda: ["scratch", "distilled"],
         description="scratch: MLM + SOP on the pairs; distilled: the teacher's soft labels (cache) + MLM + SOP "
-        "+ hidden-state cosine (needs 'sop' in cache.views)")
+        "+ hidden-state cosine (needs 'sop' in cache.views); teacher: initialised from the teacher (SVD "
+        "embeddings, a copied layer: models/albert_init.py), then MLM + SOP as scratch. All at the same budget "
+        "and seed: [scratch, distilled, teacher] compares them side by side")
+    init_layer: int | None = Field(None, ge=1, description="teacher variant: the teacher layer (1-based) copied "
+                                   "into the shared layer; None = the middle one, (L + 1) // 2")
     embedding_size: int = Field(128, ge=8, description="E, the factorised embedding size (ALBERT: 128)")
     sharing: Literal["all", "attention", "ffn", "none"] = Field(
         "all", description="cross-layer parameter sharing: all (ALBERT), attention or ffn blocks only, none")
@@ -37,6 +41,9 @@ class AlbertSectionConfig(Section):
             raise ValueError(f"variants needs at least one of scratch, distilled and no repeats (got {self.variants})")
         if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if "teacher" in self.variants and self.hidden_size is not None and self.embedding_size > self.hidden_size:
+            raise ValueError(f"embedding_size ({self.embedding_size}) is above hidden_size ({self.hidden_size}): the "
+                             "teacher variant's SVD factorisation needs E <= H")
         if "distilled" in self.variants and self.alpha_ce + self.alpha_mlm + self.alpha_sop + self.alpha_cos == 0:
             raise ValueError("alpha_ce, alpha_mlm, alpha_sop and alpha_cos are all 0: nothing to train on")
         return self
@@ -47,6 +54,8 @@ def albert_key(cfg) -> dict[str, Any]:
     if "distilled" not in cfg.albert.variants:  # the distillation weights change nothing then
         for key in ("alpha_ce", "alpha_mlm", "alpha_sop", "alpha_cos", "temperature"):
             section.pop(key)
+    if "teacher" not in cfg.albert.variants or section["init_layer"] is None:  # keys of earlier runs stay valid
+        section.pop("init_layer")
     return {"albert": section, "seed": cfg.run.seed}
 
 
@@ -68,3 +77,23 @@ def check_cache(cfg) -> None:
     if isinstance(layers, list) and not cfg.teacher.pretrained and cfg.teacher.num_layers not in layers:
         raise ValueError(f"cache.hidden_layers {layers} leaves out the teacher's last layer ({cfg.teacher.num_layers}), "
                          "which albert-distilled's Lcos matches: add it, or set cache.hidden_layers: last")
+
+
+def check_teacher_init(cfg) -> None:
+    """The teacher variant copies the teacher's weights: the ALBERT needs its hidden size, heads and FFN size."""
+    a, t = cfg.albert, cfg.teacher
+    if "teacher" not in a.variants or t.pretrained:  # a pretrained teacher's shape is checked by the stage
+        return
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_heads"),
+                         ("intermediate_size", "intermediate_size")):
+        value = getattr(a, ours)
+        if value is not None and value != getattr(t, theirs):
+            raise ValueError(f"albert.variants includes 'teacher', which copies the teacher's layer, but albert.{ours} "
+                             f"({value}) is not the teacher's ({getattr(t, theirs)}): leave albert.{ours} unset or "
+                             "drop 'teacher' from albert.variants")
+    if a.embedding_size > t.hidden_size:
+        raise ValueError(f"albert.embedding_size ({a.embedding_size}) is above the teacher's hidden size "
+                         f"({t.hidden_size}): the teacher variant factorises the teacher's embeddings at rank E <= H")
+    if a.init_layer is not None and a.init_layer > t.num_layers:
+        raise ValueError(f"albert.init_layer ({a.init_layer}) is above the teacher's {t.num_layers} layers: use 1.."
+                         f"{t.num_layers}, or leave it unset (the middle layer)")

@@ -7,6 +7,7 @@ from tasks.stage import StageSpec
 STAGE = StageSpec(name="distilbert", build="tasks.distilbert.build:build_distilbert",
                   upstream=("teacher", "cache", "pairs"), section=DistilbertConfig, key_config=distilbert_key,
                   checks=(check_teacher_layers, check_cache),
-                  code_modules=("models.distilbert", "models.losses", "models.bert", "tasks.engine",
+                  code_modules=("models.distilbert", "models.losses", "models.intermediate", "models.matches",
+                                "models.bert", "tasks.engine",
                                 "tasks.cache.outputs", "tasks.scoring"),
                   resumable=True, models={"distilbert": "lightbert-distilbert"}, training=("train",))

@@ -14,6 +14,13 @@ Checkpoints live in `checkpoints/` (and `ablations/<row>/checkpoints/`) while tr
 resumes at its last checkpoint, and are dropped once a run is finished.
 
 Ablations: `lightbert run --until distilbert --set distilbert.ablations=true`.
+
+Intermediate matches (distilbert.matches, models/intermediate.py; TinyBERT / TextBrewer): extra terms on
+hidden states (cached or online, at the same tokens as Lcos) and attention maps (online teacher only),
+each logged as its own train_<feature>_s<l>_t<l>_loss. A narrower student (distilbert.hidden_size,
+num_heads, intermediate_size) starts from random weights; its hidden matches learn projections into the
+teacher's width, which are checkpointed with the student but not saved with it (the row's
+`projection_parameters` counts them).
 """
 
 from __future__ import annotations
@@ -33,7 +40,18 @@ from models.distilbert import (
     init_student_from_teacher,
     mlm_head,
     resolve_layer_map,
+    same_shape_as_teacher,
+    student_config,
     teacher_has_mlm_head,
+)
+from models.intermediate import (
+    Match,
+    StudentWithProjections,
+    attention_scores,
+    check_matches,
+    hidden_projections,
+    intermediate_terms,
+    weighted_sum,
 )
 from models.losses import LossWeights, cosine_loss, gather_support, mlm_loss, soft_label_loss
 from models.losses import combine as combine_terms
@@ -42,6 +60,7 @@ from tasks.artifacts import atomic_write_json, atomic_write_text
 from tasks.cache.outputs import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
 from tasks.config import PipelineConfig
 from tasks.distilbert import STAGE
+from tasks.distilbert.config import shape_problem
 from tasks.pairs import outputs as pairs_output
 from tasks.stage import StageContext, StageError, StageReport
 from tasks.teacher.outputs import SavedTeacher, load_saved
@@ -59,6 +78,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "no_cos_no_mlm": {"init": "teacher", "cos": 0.0, "mlm": 0.0},
     "random_init": {"init": "random"},
     "random_init_mlm_only": {"init": "random", "ce": 0.0, "cos": 0.0},
+    "no_inter": {"matches": ()},  # ours: the configured student without its intermediate matches
 }
 ROW_TITLES = {
     "triple": "triple loss (Lce + Lmlm + Lcos), teacher init",
@@ -66,6 +86,7 @@ ROW_TITLES = {
     "no_cos_no_mlm": "without Lcos and Lmlm (Lce only)",
     "random_init": "triple loss, random init",
     "random_init_mlm_only": "random init, Lmlm only (no teacher)",
+    "no_inter": "without the intermediate matches (ours)",
 }
 
 
@@ -77,20 +98,23 @@ class StudentRun:
     weights: LossWeights
     cos_layers: str  # last | mapped
     mode: str  # cached | online
+    matches: tuple[Match, ...] = ()  # intermediate terms (models/intermediate.py)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.weights.ce > 0 or self.weights.cos > 0
+        return self.weights.ce > 0 or self.weights.cos > 0 or bool(self.matches)
 
     def describe(self) -> dict[str, Any]:
         w = self.weights
         return {"init": self.init, "alpha_ce": w.ce, "alpha_mlm": w.mlm, "alpha_cos": w.cos,
-                "temperature": w.temperature, "cos_layers": self.cos_layers, "mode": self.mode}
+                "temperature": w.temperature, "cos_layers": self.cos_layers, "mode": self.mode,
+                "matches": [vars(m) for m in self.matches]}
 
 
 def configured_run(cfg: PipelineConfig) -> StudentRun:
     d = cfg.distilbert
-    return StudentRun(d.init, LossWeights(d.alpha_ce, d.alpha_mlm, d.alpha_cos, d.temperature), d.cos_layers, d.mode)
+    return StudentRun(d.init, LossWeights(d.alpha_ce, d.alpha_mlm, d.alpha_cos, d.temperature), d.cos_layers, d.mode,
+                      d.match_list())
 
 
 def without_missing_terms(run: StudentRun, teacher: SavedTeacher) -> tuple[StudentRun, dict[str, str]]:
@@ -104,13 +128,15 @@ def without_missing_terms(run: StudentRun, teacher: SavedTeacher) -> tuple[Stude
 
 def losses_used(run: StudentRun) -> list[str]:
     w = run.weights
-    return [name for name, weight in (("ce", w.ce), ("mlm", w.mlm), ("cos", w.cos)) if weight > 0]
+    return [name for name, weight in (("ce", w.ce), ("mlm", w.mlm), ("cos", w.cos)) if weight > 0] + [
+        m.name.removesuffix("_loss") for m in run.matches if m.weight > 0]
 
 
 def ablation_run(base: StudentRun, row: str) -> StudentRun:
     change = dict(ROWS[row])
     init = change.pop("init", base.init)
-    return replace(base, init=init, weights=replace(base.weights, **change))
+    matches = change.pop("matches", base.matches)
+    return replace(base, init=init, weights=replace(base.weights, **change), matches=matches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,13 +144,15 @@ def ablation_run(base: StudentRun, row: str) -> StudentRun:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], positions: str,
-                   hidden_positions: str, temperature: float) -> dict[str, Any]:
+                   hidden_positions: str, temperature: float, attention_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     """The teacher in the same step: its full distribution at temperature T at the loss positions (none
     from a teacher without an MLM head) and the hidden states of `layers` at the cache's hidden positions
-    (what the cache would hold with k = the vocabulary, unquantised)."""
+    (what the cache would hold with k = the vocabulary, unquantised); with attention_layers, those layers'
+    attention scores (B, heads, T, T)."""
     backbone = teacher.bert if hasattr(teacher, "bert") else teacher
     out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers), return_dict=True)
+                   token_type_ids=batch["token_type_ids"], output_hidden_states=bool(layers) or bool(attention_layers),
+                   return_dict=True)
     where = position_mask(batch, positions)
     probs = None
     if teacher_has_mlm_head(teacher):
@@ -132,7 +160,21 @@ def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], p
         probs = torch.softmax(logits / temperature, dim=-1)
     hidden_where = position_mask(batch, lcos_positions(hidden_positions))
     hidden = {layer: out.hidden_states[layer][hidden_where] for layer in layers}
-    return {"where": where, "ids": None, "probs": probs, "hidden_where": hidden_where, "hidden": hidden}
+    scores = {layer: bert_attention_scores(backbone, out.hidden_states, layer) for layer in attention_layers}
+    return {"where": where, "ids": None, "probs": probs, "hidden_where": hidden_where, "hidden": hidden,
+            "attention": scores}
+
+
+def bert_attention_scores(backbone, hidden_states, layer: int) -> torch.Tensor:
+    """Attention scores of BERT layer `layer` (1-based) from its input, hidden_states[layer - 1]."""
+    attn = backbone.encoder.layer[layer - 1].attention.self
+    return attention_scores(hidden_states[layer - 1], attn.query, attn.key, backbone.config.num_attention_heads)
+
+
+def distilbert_attention_scores(student: DistilBertForMaskedLM, hidden_states, layer: int) -> torch.Tensor:
+    """Attention scores of student layer `layer` (1-based) from its input, hidden_states[layer - 1]."""
+    attn = student.distilbert.transformer.layer[layer - 1].attention
+    return attention_scores(hidden_states[layer - 1], attn.q_lin, attn.k_lin, student.config.n_heads)
 
 
 def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float) -> dict[str, Any]:
@@ -162,15 +204,20 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
     positions / hidden_positions: the cache's (cache.positions, cache.hidden_positions), also online."""
     w = run.weights
     teacher_layers = [t for _, t in cos_pairs] if w.cos > 0 else []
+    teacher_layers = sorted({*teacher_layers, *(m.teacher_layer for m in run.matches if m.feature == "hidden")})
+    attention_layers = tuple(sorted({m.teacher_layer for m in run.matches if m.feature == "attention"}))
     all_layers = w.cos > 0 and len(cos_pairs) > 1
 
-    def loss_fn(student: DistilBertForMaskedLM, batch: dict[str, torch.Tensor]):
+    def loss_fn(model: DistilBertForMaskedLM | StudentWithProjections, batch: dict[str, torch.Tensor]):
+        student, projections = ((model.student, model.projections) if isinstance(model, StudentWithProjections)
+                                else (model, {}))
         attention = batch["attention_mask"]
         out = student.distilbert(input_ids=batch["input_ids"], attention_mask=attention,
-                                 output_hidden_states=all_layers, return_dict=True)
+                                 output_hidden_states=all_layers or bool(run.matches), return_dict=True)
         sig = None
         if run.needs_teacher:
-            sig = (online_teacher(teacher, batch, teacher_layers, positions, hidden_positions, w.temperature)
+            sig = (online_teacher(teacher, batch, teacher_layers, positions, hidden_positions, w.temperature,
+                                  attention_layers)
                    if run.mode == "online"
                    else cached_teacher(batch, teacher_layers, w.temperature))
         # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
@@ -186,7 +233,15 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
             hs = out.hidden_states if all_layers else {cos_pairs[0][0]: out.last_hidden_state}
             terms["cos_loss"] = cosine_loss([hs[s][sig["hidden_where"]] for s, _ in cos_pairs],
                                             [sig["hidden"][t] for _, t in cos_pairs])
-        return combine_terms(terms, w), {name: value.detach() for name, value in terms.items()}
+        loss = combine_terms(terms, w) if terms else 0.0
+        if run.matches:
+            student_scores = {m.student_layer: distilbert_attention_scores(student, out.hidden_states, m.student_layer)
+                              for m in run.matches if m.feature == "attention"}
+            inter = intermediate_terms(run.matches, out.hidden_states, student_scores, sig["hidden_where"],
+                                       sig["hidden"], sig.get("attention", {}), attention, projections)
+            loss = loss + weighted_sum(run.matches, inter)
+            terms.update(inter)
+        return loss, {name: value.detach() for name, value in terms.items()}
 
     return loss_fn
 
@@ -226,7 +281,9 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     multiple = 8 if rt.device.type == "cuda" else 1
     teacher = None
     if run.needs_teacher and run.mode == "cached":
-        data = cached_train_data(inp, [t for _, t in pairs] if run.weights.cos > 0 else [], run.weights.ce > 0)
+        data = cached_train_data(inp, sorted({*([t for _, t in pairs] if run.weights.cos > 0 else []),
+                                              *(m.teacher_layer for m in run.matches if m.feature == "hidden")}),
+                                 run.weights.ce > 0)
         collate = data.collator(inp.pad_id, multiple)
     else:
         data = inp.pairs_train
@@ -235,9 +292,13 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         if run.needs_teacher:
             teacher = inp.teacher.to(rt.device)
     torch.manual_seed(ctx.seed)
-    student = build_student(inp.teacher_config, len(inp.layer_map), d.dropout)
+    student = build_student(inp.teacher_config, len(inp.layer_map), d.dropout, **d.width())
     if run.init == "teacher":
         init_student_from_teacher(inp.teacher, student, inp.layer_map)
+    model: DistilBertForMaskedLM | StudentWithProjections = student
+    if run.matches:  # the projections of the hidden matches train with the student (none at equal widths)
+        model = StudentWithProjections(student, hidden_projections(run.matches, student.config.dim,
+                                                                   inp.teacher_config.hidden_size))
     eval_collate = engine.PadCollator(STUDENT_INPUTS, {"input_ids": inp.pad_id, "labels": IGNORE_INDEX}, multiple)
     eval_batch = 2 * d.train.batch_size
 
@@ -245,11 +306,15 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
 
     loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions)
+    def evaluate(m, rt):
+        m = m.student if isinstance(m, StudentWithProjections) else m
+        return scoring.masked_lm_metrics(scoring.score_pretraining(
+            m, scoring.masked_lm_predictor(m, "distilbert"), inp.val_ds, eval_collate, eval_batch, rt, pair_label=None))
+
     result = engine.train(
-        student, loss_fn, data, d.train, collate, seed=ctx.seed,
+        model, loss_fn, data, d.train, collate, seed=ctx.seed,
         checkpoint_dir=run_dir / CHECKPOINTS, runtime=rt, metrics_sink=sink, progress=cfg.run.progress,
-        eval_fn=lambda m, rt: scoring.masked_lm_metrics(scoring.score_pretraining(
-            m, scoring.masked_lm_predictor(m, "distilbert"), inp.val_ds, eval_collate, eval_batch, rt, pair_label=None)))
+        eval_fn=evaluate)
     if teacher is not None:
         inp.teacher.cpu()
     summary = {
@@ -257,6 +322,8 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         "resumed_from_step": result.resumed_from_step, "device": str(rt.device), "precision": rt.precision,
         "cos_pairs": pairs, **engine.rounded(result.final_losses), **engine.rounded(result.eval_metrics),
     }
+    if isinstance(model, StudentWithProjections):  # trained, then left out of the saved student
+        summary["projection_parameters"] = sum(p.numel() for p in model.projections.parameters())
     return student.cpu(), summary
 
 
@@ -275,8 +342,9 @@ def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = F
     missing = [layer for layer in layers if layer not in data.layers]
     if missing:
         raise StageError(
-            f"distilbert needs teacher hidden layer(s) {missing} for Lcos (distilbert.cos_layers) but the cache "
-            f"holds {data.layers}: set cache.hidden_layers: mapped (the layers of distilbert.layer_map), or "
+            f"distilbert needs teacher hidden layer(s) {missing} for Lcos (distilbert.cos_layers) or its hidden "
+            f"matches (distilbert.matches) but the cache holds {data.layers}: set cache.hidden_layers: mapped (the "
+            f"layers of distilbert.layer_map) or a list with {sorted(set(data.layers) | set(missing))}, or "
             "distilbert.cos_layers: last, or distilbert.mode: online")
     return data
 
@@ -300,6 +368,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         layer_map = resolve_layer_map(tconf.num_hidden_layers, d.num_layers, d.layer_map)
     except ValueError as exc:
         raise StageError(str(exc)) from exc
+    check_student_shape(cfg, tconf, len(layer_map))
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     pairs_dir = ctx.upstream_dir("pairs")
     cache_dir = ctx.upstream_dir("cache")
@@ -309,7 +378,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                  cache_dir, tok.pad_token_id, cache_manifest["positions"], cache_manifest["hidden_positions"])
 
     main, dropped = without_missing_terms(configured_run(cfg), saved)
-    if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0:
+    if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0 and not main.matches:
         raise StageError("distilbert has nothing to train on: alpha_mlm and alpha_cos are 0 and Lce is dropped "
                          f"({dropped['ce']}); set distilbert.alpha_cos or alpha_mlm above 0, or teacher.mlm_head: fit")
     summary = _read_result(ctx.out_dir) if ctx.resuming and (ctx.out_dir / MODEL_DIR).is_dir() else None
@@ -372,6 +441,23 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     )
 
 
+def check_student_shape(cfg: PipelineConfig, tconf: BertConfig, n_student: int) -> None:
+    """The configured student's shape and matches fit this teacher (a pretrained one is known only here)."""
+    d = cfg.distilbert
+    sconf = student_config(tconf, n_student, **d.width())
+    teacher_shape = (tconf.hidden_size, tconf.num_attention_heads, tconf.intermediate_size)
+    problem = shape_problem(d, (sconf.dim, sconf.n_heads, sconf.hidden_dim), teacher_shape)
+    try:
+        if problem:
+            raise ValueError(problem)
+        check_matches(d.match_list(), n_student, tconf.num_hidden_layers, sconf.n_heads, tconf.num_attention_heads)
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+    if d.mode == "cached" and any(m.feature == "attention" for m in d.matches):
+        raise StageError("distilbert.matches has attention matches, which need the teacher in the step (attention "
+                         "maps are too big to cache): set distilbert.mode: online")
+
+
 def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:
     """save_pretrained (safetensors) with the teacher's tokenizer, which for DistilBERT feeds no token types."""
     tok.model_input_names = ["input_ids", "attention_mask"]
@@ -390,7 +476,12 @@ def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, ma
     for name in names:
         run = ablation_run(main, name)
         if not losses_used(run):
-            skipped[name] = "no loss term left: the teacher has no MLM head, so Lce is dropped"
+            skipped[name] = ("no loss term left: the teacher has no MLM head, so Lce is dropped"
+                             + (", and the row drops the matches" if name == "no_inter" else ""))
+            continue
+        if run.init == "teacher" and not same_shape_as_teacher(
+                inp.teacher_config, student_config(inp.teacher_config, len(inp.layer_map), **cfg.distilbert.width())):
+            skipped[name] = "teacher init needs the teacher's width, heads and FFN size (distilbert.hidden_size ...)"
             continue
         run_dir = ctx.out_dir / ABLATIONS / name
         run_dir.mkdir(parents=True, exist_ok=True)

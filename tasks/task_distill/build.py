@@ -36,7 +36,7 @@ from tasks.task_distill.outputs import MODEL_DIR, run_path
 
 log = logging.getLogger(__name__)
 
-FAMILY_OF = {"distilbert": "distilbert", "albert-scratch": "albert", "albert-distilled": "albert"}
+FAMILY_OF = {"distilbert": "distilbert", "albert-scratch": "albert", "albert-distilled": "albert", "albert-teacher": "albert"}
 
 
 def saved_students(ctx: StageContext) -> dict[str, Path]:
