@@ -10,7 +10,7 @@ and again into .txt files, each copy with the sentences of every document shuffl
 corpus stage's de-duplication keeps it. Each stage runs alone in a fresh process (tasks.stage.run_stage,
 no Prefect or MLflow), after its upstream stages were built by an earlier process; its seconds are the
 stage's own (the manifest's timing, so the baseline's slower reuse check of the upstream outputs is not
-counted) and its memory is the peak resident set of that process and its workers (wait4's ru_maxrss).
+counted) and its memory is sampled from /proc for that process and its workers (TreeMemory).
 The baseline commit is checked out into a git worktree beside the repository and runs the same stages on
 the same corpus with the same settings: the cpu preset of 07c2c98 (vocabulary 8000, 128-token pairs, one
 copy). With --reuse-corpus the corpus stage's output is replicated instead of rebuilt (for sizes whose
@@ -74,8 +74,7 @@ def child(code: Path, stage: str, workdir: Path, overrides: list[str]) -> None:
 
 
 def run_measured(code: Path, stage: str, workdir: Path, overrides: list[str]) -> dict:
-    """Run one stage in a fresh process; its result, wall time and the peak RSS of its process tree
-    (ru_maxrss of the reaped child, which covers the workers it waited for; KiB on Linux)."""
+    """Run one stage in a fresh process; its result, wall time and its process tree's memory (TreeMemory)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(code), stage, str(workdir), json.dumps(overrides)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(code)}
     out_path = workdir.parent / f".{workdir.name}-{stage}.out"
@@ -84,7 +83,7 @@ def run_measured(code: Path, stage: str, workdir: Path, overrides: list[str]) ->
         t0 = time.perf_counter()
         sampler = TreeMemory(proc.pid, trace=workdir.parent / f".{workdir.name}-{stage}.mem")
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -93,22 +92,24 @@ def run_measured(code: Path, stage: str, workdir: Path, overrides: list[str]) ->
         tail = out_path.with_suffix(".err").read_text()[-3000:]
         raise SystemExit(f"{stage} at {code} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result.update(wall_seconds=wall, peak_rss_mib=usage.ru_maxrss / 1024, **sampler.peaks())
+    result.update(wall_seconds=wall, **sampler.peaks())
     return result
 
 
 class TreeMemory(threading.Thread):
-    """Samples /proc of a process and its descendants every `every` seconds: the peak, over time, of
-    the tree's summed anonymous memory (RssAnon: heap, arrays; what memory pressure is made of) and of
-    the largest single process's file-backed resident pages (RssFile: memory-mapped files, which the
-    kernel can drop and re-read). ru_maxrss counts both, so it alone cannot tell a leak from a
-    memory map that was read through. With `trace`, every sample is written there (seconds, MiB anon,
-    MiB file, then pid:anon:file of each process)."""
+    """Samples /proc of a process and its descendants every `every` seconds. Peak RSS is the largest
+    VmHWM (the kernel's own high-water mark of a process's resident set) of any process of the tree;
+    anon is the peak over time of the tree's summed anonymous memory (RssAnon: heap and arrays, what
+    memory pressure is made of); mapped is the largest file-backed resident set (RssFile: memory-mapped
+    files, which the kernel can drop and re-read). Not wait4's ru_maxrss: a child started with vfork
+    and exec (subprocess does) inherits its parent's high-water mark there, so a benchmark process
+    that had grown to 4 GiB preparing a corpus reported 4 GiB for every stage it ran afterwards. With
+    `trace`, every sample is written there (seconds, MiB anon, MiB mapped, then pid:anon:mapped)."""
 
     def __init__(self, pid: int, every: float = 0.25, trace: Path | None = None):
         super().__init__(daemon=True)
         self.pid, self.every, self.trace = pid, every, trace
-        self.anon_peak = self.file_peak = 0
+        self.hwm_peak = self.anon_peak = self.file_peak = 0
         self._done = threading.Event()
 
     @staticmethod
@@ -126,31 +127,36 @@ class TreeMemory(threading.Thread):
         return out
 
     @staticmethod
-    def _status(pid: int) -> tuple[int, int]:
-        anon = file = 0
+    def _status(pid: int) -> tuple[int, int, int]:
+        """(VmHWM, RssAnon, RssFile) in KiB; zeros for a process that has gone."""
+        want = {"VmHWM:": 0, "RssAnon:": 0, "RssFile:": 0}
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith("RssAnon:"):
-                        anon = int(line.split()[1])
-                    elif line.startswith("RssFile:"):
-                        file = int(line.split()[1])
+                    key = line.split(":", 1)[0] + ":"
+                    if key in want:
+                        want[key] = int(line.split()[1])
         except OSError:
             pass
-        return anon, file
+        return want["VmHWM:"], want["RssAnon:"], want["RssFile:"]
+
+    def sample(self) -> str:
+        tree = self._tree(self.pid)
+        sizes = [self._status(p) for p in tree]
+        anon, file = sum(a for _, a, _ in sizes), max((f for _, _, f in sizes), default=0)
+        self.hwm_peak = max([self.hwm_peak, *(h for h, _, _ in sizes)])
+        self.anon_peak, self.file_peak = max(self.anon_peak, anon), max(self.file_peak, file)
+        each = " ".join(f"{p}:{a // 1024}:{f // 1024}" for p, (_, a, f) in zip(tree, sizes, strict=True))
+        return f"{anon / 1024:.0f} {file / 1024:.0f} {each}"
 
     def run(self) -> None:
         t0 = time.perf_counter()
         log = open(self.trace, "w") if self.trace else None  # noqa: SIM115 - closed below
         try:
             while not self._done.wait(self.every):
-                tree = self._tree(self.pid)
-                sizes = [self._status(p) for p in tree]
-                anon, file = sum(a for a, _ in sizes), max((f for _, f in sizes), default=0)
-                self.anon_peak, self.file_peak = max(self.anon_peak, anon), max(self.file_peak, file)
+                line = self.sample()
                 if log:
-                    each = " ".join(f"{p}:{a // 1024}:{f // 1024}" for p, (a, f) in zip(tree, sizes, strict=True))
-                    log.write(f"{time.perf_counter() - t0:.2f} {anon / 1024:.0f} {file / 1024:.0f} {each}\n")
+                    log.write(f"{time.perf_counter() - t0:.2f} {line}\n")
         finally:
             if log:
                 log.close()
@@ -160,7 +166,8 @@ class TreeMemory(threading.Thread):
         self.join()
 
     def peaks(self) -> dict[str, float]:
-        return {"peak_anon_mib": self.anon_peak / 1024, "peak_file_mib": self.file_peak / 1024}
+        return {"peak_rss_mib": self.hwm_peak / 1024, "peak_anon_mib": self.anon_peak / 1024,
+                "peak_file_mib": self.file_peak / 1024}
 
 
 # ------------------------------------------------------------------------------------------------
