@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,16 @@ TORCH_INT8_FILE = "model.pt"
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs a warning per torchvision operator it cannot register (no torchvision
-    here) and onnxruntime's quantiser one about pre-processing; neither concerns these models."""
+    here) and onnxruntime's quantiser one about pre-processing; none of them concerns these models."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "root")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # the axis-renaming notes and torch.utils' pytree deprecations
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
