@@ -322,7 +322,7 @@ def register_models(record: StageRecord) -> list[tuple[str, str]]:
         existing = [v for v in client.search_model_versions(f"name='{name}'")
                     if v.tags.get("lightbert.output_fingerprint") == record.fingerprint]
         if existing:
-            registered.append((name, existing[0].version))
+            registered.append((name, str(existing[0].version)))
             continue
         if entry.get("flavor") == "onnx":
             info = log_onnx_model(path, entry, name)

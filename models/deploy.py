@@ -22,15 +22,22 @@ def load_deployable(path: Path, task: str) -> PreTrainedModel:
     eval mode; an ALBERT with lightbert's sharing ties restored."""
     if task not in TASK_OUTPUTS:
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASK_OUTPUTS)}")
+    from transformers.utils import logging as hf_logging
+
     family = AutoConfig.from_pretrained(str(path)).model_type
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
-    if family == "albert":
-        from transformers import AlbertForSequenceClassification, AlbertModel
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped pretraining heads' "UNEXPECTED" keys are expected
+    try:
+        if family == "albert":
+            from transformers import AlbertForSequenceClassification, AlbertModel
 
-        cls = AlbertForSequenceClassification if task == "text-classification" else AlbertModel
-        model = load_albert(path, cls=cls)
-    else:
-        model = cls.from_pretrained(str(path), use_safetensors=True)
+            cls = AlbertForSequenceClassification if task == "text-classification" else AlbertModel
+            model = load_albert(path, cls=cls)
+        else:
+            model = cls.from_pretrained(str(path), use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(previous)
     return model.eval()
 
 

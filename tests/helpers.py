@@ -247,7 +247,8 @@ def write_pairs(split_dir: Path, n: int, seed: int, vocab: int, cls_id: int = 2,
 def tiny_export_workdir(root: Path) -> dict:
     """A tiny run's models and a finished export stage, built with the real stage code: a 2-layer x 32 BERT
     "teacher" encoder and a 2-layer DistilBERT fine-tuned on a keyword task (a local CSV whose label is
-    which of two word lists the sentence holds), exported by tasks/export/. Returns {"config", "workdir",
+    which of two word lists the sentence holds), the teacher and the classifier exported by tasks/export/
+    (export.models; the DistilBERT encoder is saved, not exported). Returns {"config", "workdir",
     "upstream", "record", "task", "classifier"}."""
     import csv
 
@@ -256,10 +257,10 @@ def tiny_export_workdir(root: Path) -> dict:
 
     from models.distilbert import student_config
     from tasks import engine
+    from tasks.config import load_config
     from tasks.downstream import data as downstream
     from tasks.downstream import finetune
     from tasks.downstream.config import DownstreamConfig
-    from tasks.config import load_config
     from tasks.pipeline import SPECS
     from tasks.stage import run_stage
 
@@ -276,7 +277,8 @@ def tiny_export_workdir(root: Path) -> dict:
             writer.writerow([" ".join(words), "positive" if i % 2 else "negative"])
     cfg, _ = load_config("smoke", overrides=[
         "run.progress=false", f"evaluate.downstream.tasks=[{{name: keywords, path: '{csv_path}'}}]",
-        "evaluate.downstream.max_seq_len=32", "export.check_examples=24", "export.check_batch_size=5"])
+        "evaluate.downstream.max_seq_len=32", "export.check_examples=24", "export.check_batch_size=5",
+        "export.models=[lightbert-teacher, lightbert-distilbert-keywords]"])
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *positive, *negative,
                                                *neutral]) + "\n")
     tok = BertTokenizerFast(vocab=str(root / "vocab.txt"))
@@ -292,7 +294,7 @@ def tiny_export_workdir(root: Path) -> dict:
     DistilBertForMaskedLM(student_config(bert, 2)).save_pretrained(student_dir)
     tok.save_pretrained(student_dir)
     data, info = downstream.load_task(cfg.evaluate.downstream.tasks[0], cfg.evaluate.downstream, root / "cache")
-    dcfg = DownstreamConfig(epochs=4.0, batch_size=16, learning_rates={"bert": [3e-3], "distilbert": [3e-3],
+    dcfg = DownstreamConfig(epochs=3.0, batch_size=16, learning_rates={"bert": [3e-3], "distilbert": [3e-3],
                             "albert": [3e-3]}, warmup_fraction=0.1, dropout=0.0, max_seq_len=32, evals_per_epoch=1)
     fit = finetune.fit(student_dir, finetune.tokenize_task(data, student_dir, 32), info, dcfg, learning_rate=3e-3,
                        seed=0, rt=engine.setup_runtime("fp32"))

@@ -21,7 +21,6 @@ from transformers import AutoTokenizer
 
 from tasks import scoring
 from tasks.downstream import finetune
-from tasks.export import formats
 from tasks.export import outputs as export
 from tasks.export.config import VARIANTS
 
@@ -77,8 +76,8 @@ def timing_feeds(export_dir: Path, infos: dict[str, dict[str, Any]], sentences: 
     for name, info in infos.items():
         tok = AutoTokenizer.from_pretrained(str(export.variant_path(export_dir, info, "onnx-fp32")))
         names = tuple(info["inputs"])
-        out[name] = {"b1": formats.encode_feeds(tok, sentences, names, 1, max_len),
-                     "b32": formats.encode_feeds(tok, sentences, names, batch_size, max_len)}
+        out[name] = {"b1": export.encode_feeds(tok, sentences, names, 1, max_len),
+                     "b32": export.encode_feeds(tok, sentences, names, batch_size, max_len)}
     return out
 
 
@@ -99,7 +98,7 @@ def accuracy_of(runners: dict[tuple[str, str], Runner], export_dir: Path, export
         texts = list(data[split]["text"])
         if pair:  # sentence pairs: the tokenizer's pair encoding, as fine-tuning saw them
             texts = list(zip(texts, data[split]["text_pair"], strict=True))
-        feeds[split] = formats.encode_feeds(tok, texts, tuple(exported["inputs"]), 32, max_len)
+        feeds[split] = export.encode_feeds(tok, texts, tuple(exported["inputs"]), 32, max_len)
         labels[split] = np.asarray(data[split]["label"])
     out: dict[str, dict[str, Any]] = {}
     for v in VARIANTS:

@@ -32,7 +32,7 @@ from tasks.artifacts import atomic_write_json, replace_dir
 from tasks.config import PipelineConfig
 from tasks.downstream import data as downstream
 from tasks.export import STAGE, formats
-from tasks.export.outputs import EXPORT_JSON, model_slug
+from tasks.export.outputs import EXPORT_JSON, encode_feeds, model_slug
 from tasks.stage import StageContext, StageError, StageReport
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def export_one(spec: dict[str, Any], cfg: PipelineConfig, texts: list[str], fold
                                ecfg.int8_weight_type, ecfg.per_channel)
     formats.save_torch_int8(model, dirs["pytorch-int8"])
 
-    feeds = formats.encode_feeds(tok, texts, names, ecfg.check_batch_size, max_len)
+    feeds = encode_feeds(tok, texts, names, ecfg.check_batch_size, max_len)
     reference = formats.torch_runner(model, task)
     runners = {"onnx-fp32": formats.OrtRunner(dirs["onnx-fp32"] / formats.ONNX_FILE, threads=1),
                "onnx-int8": formats.OrtRunner(dirs["onnx-int8"] / formats.ONNX_FILE, threads=1),

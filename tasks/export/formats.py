@@ -123,15 +123,6 @@ def torch_runner(model: nn.Module, task: str) -> TorchRunner:
     return TorchRunner(model.eval(), input_names(model), TASK_OUTPUTS[task])
 
 
-def encode_feeds(tok, texts: list[str], names: tuple[str, ...], batch_size: int, max_len: int) -> list[dict[str, np.ndarray]]:
-    """The texts as padded int64 feeds of `batch_size` (the last one shorter), each as long as its longest."""
-    feeds = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="np")
-        feeds.append({n: (enc[n] if n in enc else np.zeros_like(enc["input_ids"])).astype(np.int64) for n in names})
-    return feeds
-
-
 def max_abs_difference(reference: np.ndarray, other: np.ndarray, feed: dict[str, np.ndarray]) -> float:
     """max |other - reference|; for hidden states, at real tokens only (padding's states are never read)."""
     diff = np.abs(other.astype(np.float64) - reference.astype(np.float64))

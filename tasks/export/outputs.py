@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.export.config import VARIANTS
 from tasks.stage import StageError
 
@@ -52,3 +54,12 @@ def load_runner(stage_dir: Path, info: dict[str, Any], variant: str, threads: in
     if variant == "pytorch-int8":
         return formats.torch_runner(formats.load_torch_int8(folder, info["task"]), info["task"])
     return formats.torch_runner(load_deployable(folder, info["task"]), info["task"])
+
+
+def encode_feeds(tok, texts: list[str], names: tuple[str, ...], batch_size: int, max_len: int) -> list[dict[str, np.ndarray]]:
+    """The texts as padded int64 feeds of `batch_size` (the last one shorter), each as long as its longest."""
+    feeds = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="np")
+        feeds.append({n: (enc[n] if n in enc else np.zeros_like(enc["input_ids"])).astype(np.int64) for n in names})
+    return feeds
