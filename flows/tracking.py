@@ -294,7 +294,7 @@ def log_onnx_model(folder: Path, entry: dict[str, Any], name: str):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from tasks.export.formats import ONNX_FILE
+    from tasks.export.outputs import ONNX_FILE
 
     inputs = entry["inputs"].split(",")
     shape = (-1, -1) if entry.get("task") == "text-classification" else (-1, -1, -1)  # logits, hidden states

@@ -99,6 +99,8 @@ def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
         "evaluate.downstream.max_seq_len=32",
         "evaluate.downstream.cpu_threads=1",
         "evaluate.plots=true",
+        # two exports (about 5 s each, whatever the size): the reference classifier and a student's
+        "export.models=[lightbert-teacher-movie-sentences, lightbert-distilbert-movie-sentences]",
         "run.num_proc=1",
         "run.progress=false",
         *extra,

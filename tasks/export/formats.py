@@ -25,7 +25,7 @@ from torch import nn
 from models.deploy import TASK_OUTPUTS, SingleOutput, input_names, quantize_dynamic_int8
 
 ONNX_FILE = "model.onnx"
-TORCH_INT8_FILE = "model.pt"
+TORCH_INT8_FILE = "model.pt"  # pytorch-int8: the quantised state dict
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tasks.export.config import VARIANTS
+from tasks.export.formats import ONNX_FILE, TORCH_INT8_FILE  # noqa: F401 (the file names, for readers)
 from tasks.stage import StageError
 
 EXPORT_JSON = "export.json"
