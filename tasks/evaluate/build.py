@@ -23,8 +23,15 @@ For each model (the teacher, DistilBERT, each ALBERT variant):
   and seeds, and a model that collapsed to one class flagged instead of scored.
 Then retention (student / teacher) and speed-up (teacher latency / student latency).
 
+Deployment (tasks/evaluate/variants.py): every model the export stage exported, in each of its variants
+(PyTorch fp32, ONNX Runtime fp32, ONNX Runtime int8, PyTorch int8), timed in one interleaved run at batch 1
+and batch `throughput_batch_size` on `latency_threads` threads, its disk size, and for a classifier its
+validation and test metrics on its task (every variant on the same examples). The ONNX versions in the
+registry get these figures as tags, and the champion rule with them.
+
 Output: `report.json` (schema below), `report.md` (a table to read), `plots/*.png`, and `models/<name>.json`
-per model (written as each finishes, so an interrupted stage resumes after the last finished model).
+per model (written as each finishes, so an interrupted stage resumes after the last finished model), and
+`deployment.json` (the variants' measures, likewise).
 
 report.json (schema 2)
   schema             2
@@ -57,6 +64,12 @@ report.json (schema 2)
     retention          {metric: student / teacher}: downstream/<task>, downstream_score, mlm_accuracy,
                        mlm_perplexity (teacher / student), nsp and sop chance-corrected; null where undefined
     speedup            {cpu_latency: teacher / this model, gpu_throughput: this model / teacher}
+  deployment         protocol (variants, threads, cpu, matmul_gflops, batch sizes, sentences, repeats, order)
+                     and rows[]: one per exported model x variant: name, model, task (null: an encoder), kind,
+                     variant, disk_bytes, max_abs_diff and argmax_agreement (against PyTorch fp32, from the
+                     export), cpu_latency_ms, throughput_sequences_per_s, their passes, metric, test,
+                     test_ci95, validation, speedup (the teacher's PyTorch fp32 latency of the same kind /
+                     this one's), throughput_ratio, accuracy_delta (test metric - the same model's fp32)
 """
 
 from __future__ import annotations

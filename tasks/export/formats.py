@@ -85,7 +85,10 @@ def load_torch_int8(folder: Path, task: str) -> nn.Module:
 
         model = apply_sharing(model)
     model = quantize_dynamic_int8(model.eval())
-    model.load_state_dict(torch.load(folder / TORCH_INT8_FILE, weights_only=False), strict=True)
+    with warnings.catch_warnings():  # packed int8 weights are still TypedStorage-backed in torch 2.13
+        warnings.simplefilter("ignore", UserWarning)
+        state = torch.load(folder / TORCH_INT8_FILE, weights_only=False)
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
