@@ -30,7 +30,7 @@ from tasks import engine  # noqa: E402
 from tasks.config import validate_config  # noqa: E402
 from tasks.downstream import data as downstream  # noqa: E402
 from tasks.evaluate import variants  # noqa: E402
-from tasks.evaluate.build import _cpu_name  # noqa: E402
+from tasks.evaluate.build import cpu_name  # noqa: E402
 
 SPEEDUP_TARGET = 3.0  # int8 ONNX student vs fp32 PyTorch teacher, batch 1
 ACCURACY_LOSS_TARGET = 0.01  # at most 1 point below the fp32 student
@@ -55,7 +55,7 @@ def main() -> int:
     task_data = {name: (data, info) for name, data, info in tasks}
     first = tasks[0]
     sentences = list(first[1]["validation"]["text"])[: args.sentences]
-    machine = {"cpu": _cpu_name(), "matmul_gflops": engine.matmul_gflops(args.threads)}
+    machine = {"cpu": cpu_name(), "matmul_gflops": engine.matmul_gflops(args.threads)}
     print(f"machine: {machine['cpu']}, fp32 matmul {machine['matmul_gflops']:.1f} GFLOP/s on {args.threads} "
           f"thread(s) (2048x2048)")
     deployment = variants.measure_deployment(export_dir, sentences, f"{first[0]} validation", task_data, args.threads,

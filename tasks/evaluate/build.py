@@ -654,7 +654,7 @@ def evaluate_one(spec: dict[str, Any], cfg: PipelineConfig, views: dict[str, Pai
     return entry
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     import platform
 
     try:
@@ -679,7 +679,7 @@ def protocol_fingerprint(cfg: PipelineConfig, tasks: dict[str, dict[str, Any]]) 
 def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     ecfg = cfg.evaluate
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "matmul_threads": torch.get_num_threads(), "matmul_gflops": engine.matmul_gflops()}
     specs = models_to_evaluate(cfg, ctx)
     rt = engine.setup_runtime("auto")

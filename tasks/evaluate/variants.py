@@ -184,17 +184,12 @@ def row_metrics(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, fl
 
 
 def registry_entries(deployment: dict[str, Any], record, protocol: dict[str, str]) -> list[dict[str, Any]]:
-    """Registry entries of the export stage's registered ONNX models (its manifest's models), with the
-    measured metrics of their variant."""
+    """Registry entries of the export stage's registered ONNX models (its manifest's models, each the
+    folder <slug>/<variant>), with the measured metrics of their variant."""
     rows = deployment["rows"]
-    by_key = {(r["name"], r["variant"]): r for r in rows}
-    out = []
-    for model in record.manifest.get("models", []):
-        variant = model["path"].rsplit("/", 1)[1]
-        source = next(n for n, v in by_key if v == variant and f"{export.model_slug(n)}/{variant}" == model["path"])
-        out.append({"name": model["name"], "fingerprint": record.fingerprint,
-                    "metrics": row_metrics(by_key[(source, variant)], rows), "protocol": protocol})
-    return out
+    by_folder = {f"{export.model_slug(r['name'])}/{r['variant']}": r for r in rows}
+    return [{"name": model["name"], "fingerprint": record.fingerprint, "metrics": row_metrics(by_folder[model["path"]], rows),
+             "protocol": protocol} for model in record.manifest.get("models", []) if model["path"] in by_folder]
 
 
 def _f(value: Any, spec: str) -> str:
