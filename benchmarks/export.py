@@ -3,7 +3,7 @@ Runtime fp32, ONNX Runtime int8, PyTorch int8), measured side by side in one int
 classifier's accuracy on its task's test split, and the issue's targets checked.
 
     python benchmarks/export.py --workdir WD [--config WD/config.yaml] [--threads 1] [--repeats 5]
-                                [--sentences 200]
+                                [--sentences 200] [--models NAME ...]
 
 WD holds a finished export stage (`lightbert run --until export`, or any full run); the configuration
 names the downstream tasks (the resolved config.yaml every run writes into its workdir). The measures are
@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--student", default="distilbert")
+    ap.add_argument("--models", nargs="*", default=None, help="registry names to time (default: every exported "
+                    "model), e.g. lightbert-teacher-movie-sentences lightbert-distilbert-movie-sentences")
     args = ap.parse_args()
     export_dir = args.workdir / "export"
     if not (export_dir / "manifest.json").is_file():
@@ -60,7 +62,7 @@ def main() -> int:
           f"thread(s) (2048x2048)")
     deployment = variants.measure_deployment(export_dir, sentences, f"{first[0]} validation", task_data, args.threads,
                                              args.repeats, 32, cfg.evaluate.downstream.max_seq_len,
-                                             cfg.evaluate.downstream.bootstrap_resamples, machine)
+                                             cfg.evaluate.downstream.bootstrap_resamples, machine, only=args.models)
     print("\n".join(variants.deployment_markdown(deployment)))
 
     missed = []

@@ -126,9 +126,11 @@ def model_roles(tasks: list[str]) -> dict[str, tuple[str, str | None]]:
 
 def measure_deployment(export_dir: Path, sentences: list[str], source: str, task_data: dict[str, tuple[Any, dict]],
                        threads: int, repeats: int, batch_size: int, max_len: int, bootstrap: int,
-                       machine: dict[str, Any], reference: str = "teacher") -> dict[str, Any]:
-    """The report's "deployment" section: {"protocol", "rows": [one per model x variant]}."""
-    infos = export.exported_models(export_dir)
+                       machine: dict[str, Any], reference: str = "teacher",
+                       only: list[str] | None = None) -> dict[str, Any]:
+    """The report's "deployment" section: {"protocol", "rows": [one per model x variant]}; `only`: these
+    registry names (default: every exported model)."""
+    infos = {n: i for n, i in export.exported_models(export_dir).items() if only is None or n in only}
     runners = load_runners(export_dir, infos, threads)
     feeds = timing_feeds(export_dir, infos, sentences, batch_size, max_len)
     timing = interleaved_timing(runners, feeds, repeats, threads)
