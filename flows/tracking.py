@@ -283,8 +283,33 @@ def registry_view(path: Path, task: str | None):
     return AutoModelForMaskedLM.from_pretrained(path), "fill-mask"
 
 
+def log_onnx_model(folder: Path, entry: dict[str, Any], name: str):
+    """An exported ONNX model (tasks/export/) logged with MLflow's onnx flavour and registered as `name`: its
+    tokenizer files travel with it (extra_files), and its signature takes int64 tensors of any batch and
+    sequence length (the export's dynamic axes), answering the exported output (logits or hidden states)."""
+    from importlib.metadata import version
+
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from tasks.export.outputs import ONNX_FILE
+
+    inputs = entry["inputs"].split(",")
+    shape = (-1, -1) if entry.get("task") == "text-classification" else (-1, -1, -1)  # logits, hidden states
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), n) for n in inputs]),
+                               outputs=Schema([TensorSpec(np.dtype("float32"), shape, entry["output"])]))
+    return _mlflow().onnx.log_model(
+        onnx.load(str(folder / ONNX_FILE)), name=entry.get("artifact", name), registered_model_name=name,
+        signature=signature, onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
+        extra_files=[str(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ONNX_FILE],
+        pip_requirements=[f"onnx=={version('onnx')}", f"onnxruntime=={version('onnxruntime')}"])
+
+
 def register_models(record: StageRecord) -> list[tuple[str, str]]:
-    """Log each model a stage saved into MLflow's registry as a transformers model (see registry_view).
+    """Log each model a stage saved into MLflow's registry: as a transformers model (see registry_view), or
+    an export stage's ONNX model with the onnx flavour (log_onnx_model).
 
     A version is created once per stage output: a reused stage whose output fingerprint is already
     registered under that name adds nothing. Returns [(name, version)].
@@ -297,16 +322,19 @@ def register_models(record: StageRecord) -> list[tuple[str, str]]:
         existing = [v for v in client.search_model_versions(f"name='{name}'")
                     if v.tags.get("lightbert.output_fingerprint") == record.fingerprint]
         if existing:
-            registered.append((name, existing[0].version))
+            registered.append((name, str(existing[0].version)))
             continue
-        model, task = registry_view(path, entry.get("task"))
-        from transformers import AutoTokenizer
+        if entry.get("flavor") == "onnx":
+            info = log_onnx_model(path, entry, name)
+        else:
+            model, task = registry_view(path, entry.get("task"))
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name=entry.get("artifact", name),
-            task=task, registered_model_name=name, pip_requirements=_pip_requirements(),
-        )
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer}, name=entry.get("artifact", name),
+                task=task, registered_model_name=name, pip_requirements=_pip_requirements(),
+            )
         version = str(info.registered_model_version)
         for key, value in {"lightbert.output_fingerprint": record.fingerprint,
                            "lightbert.stage": record.name, "lightbert.path": str(path)}.items():

@@ -14,6 +14,7 @@ from tasks import (
     corpus,
     distilbert,
     evaluate,
+    export,
     pairs,
     task_cache,
     task_distill,
@@ -26,7 +27,8 @@ from tasks.stage import StageSpec
 SPECS: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (corpus.STAGE, tokenizer.STAGE, pairs.STAGE, teacher.STAGE, cache.STAGE, distilbert.STAGE,
-                 albert.STAGE, task_teacher.STAGE, task_cache.STAGE, task_distill.STAGE, evaluate.STAGE)
+                 albert.STAGE, task_teacher.STAGE, task_cache.STAGE, task_distill.STAGE, export.STAGE,
+                 evaluate.STAGE)
 }
 STAGES: tuple[str, ...] = tuple(SPECS)
 # The stages that train a model and can run on several GPUs (`lightbert train STAGE` under torchrun).

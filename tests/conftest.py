@@ -105,3 +105,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tests/helpers.py's tiny models and their finished export stage, built once per session (about 15 s)."""
+    from helpers import tiny_export_workdir
+
+    return tiny_export_workdir(tmp_path_factory.mktemp("tiny-export"))

@@ -99,6 +99,8 @@ def tiny_overrides(corpus_dir: Path, *extra: str) -> list[str]:
         "evaluate.downstream.max_seq_len=32",
         "evaluate.downstream.cpu_threads=1",
         "evaluate.plots=true",
+        # two exports (about 5 s each, whatever the size): the reference classifier and a student's
+        "export.models=[lightbert-teacher-movie-sentences, lightbert-distilbert-movie-sentences]",
         "run.num_proc=1",
         "run.progress=false",
         *extra,
@@ -242,3 +244,71 @@ def write_pairs(split_dir: Path, n: int, seed: int, vocab: int, cls_id: int = 2,
                      "random_next": int(random_next), "swapped": int(rng.random() < 0.5), "doc": row,
                      "b_doc": (row + 1) % n if random_next else row})
     write_pairs_rows(split_dir, rows, cls_id, sep_id, vocab)
+
+
+def tiny_export_workdir(root: Path) -> dict:
+    """A tiny run's models and a finished export stage, built with the real stage code: a 2-layer x 32 BERT
+    "teacher" encoder and a 2-layer DistilBERT fine-tuned on a keyword task (a local CSV whose label is
+    which of two word lists the sentence holds), the teacher and the classifier exported by tasks/export/
+    (export.models; the DistilBERT encoder is saved, not exported). Returns {"config", "workdir",
+    "upstream", "record", "task", "classifier"}."""
+    import csv
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from models.distilbert import student_config
+    from tasks import engine
+    from tasks.config import load_config
+    from tasks.downstream import data as downstream
+    from tasks.downstream import finetune
+    from tasks.downstream.config import DownstreamConfig
+    from tasks.pipeline import SPECS
+    from tasks.stage import run_stage
+
+    positive, negative = "good great lovely superb".split(), "bad awful dull poor".split()
+    neutral = "the a film movie story actor plot scene music ending cast script was is and of with it this".split()
+    rng = random.Random(0)
+    csv_path = root / "keywords.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(600):
+            words = [rng.choice(neutral) for _ in range(rng.randint(4, 14))]
+            words.insert(rng.randint(0, len(words)), rng.choice(positive if i % 2 else negative))
+            writer.writerow([" ".join(words), "positive" if i % 2 else "negative"])
+    cfg, _ = load_config("smoke", overrides=[
+        "run.progress=false", f"evaluate.downstream.tasks=[{{name: keywords, path: '{csv_path}'}}]",
+        "evaluate.downstream.max_seq_len=32", "export.check_examples=24", "export.check_batch_size=5",
+        "export.models=[lightbert-teacher, lightbert-distilbert-keywords]"])
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *positive, *negative,
+                                               *neutral]) + "\n")
+    tok = BertTokenizerFast(vocab=str(root / "vocab.txt"))
+    bert = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    teacher_dir = root / "teacher" / "model"
+    BertModel(bert).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    student_dir = root / "distilbert" / "model"
+    from transformers import DistilBertForMaskedLM
+
+    DistilBertForMaskedLM(student_config(bert, 2)).save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    data, info = downstream.load_task(cfg.evaluate.downstream.tasks[0], cfg.evaluate.downstream, root / "cache")
+    dcfg = DownstreamConfig(epochs=3.0, batch_size=16, learning_rates={"bert": [3e-3], "distilbert": [3e-3],
+                            "albert": [3e-3]}, warmup_fraction=0.1, dropout=0.0, max_seq_len=32, evals_per_epoch=1)
+    fit = finetune.fit(student_dir, finetune.tokenize_task(data, student_dir, 32), info, dcfg, learning_rate=3e-3,
+                       seed=0, rt=engine.setup_runtime("fp32"))
+    classifier_dir = root / "task_distill" / "keywords" / "distilbert" / "distilled" / "model"
+    finetune.save_model(fit.model, classifier_dir, student_dir)
+    models = {"teacher": [{"path": "model", "name": "lightbert-teacher"}],
+              "distilbert": [{"path": "model", "name": "lightbert-distilbert"}], "albert": [], "task_teacher": [],
+              "task_distill": [{"path": "keywords/distilbert/distilled/model", "name": "lightbert-distilbert-keywords",
+                                "task": "text-classification"}]}
+    upstream = {name: StageRecord(name, root / name, {"output_fingerprint": f"{name}-0", "models": entries},
+                                  cached=True, reason="test") for name, entries in models.items()}
+    workdir = root / "work"
+    record = run_stage(SPECS["export"], cfg, workdir, upstream)
+    return {"config": cfg, "workdir": workdir, "upstream": upstream, "record": record, "task": (data, info),
+            "classifier": classifier_dir}

@@ -23,8 +23,15 @@ For each model (the teacher, DistilBERT, each ALBERT variant):
   and seeds, and a model that collapsed to one class flagged instead of scored.
 Then retention (student / teacher) and speed-up (teacher latency / student latency).
 
+Deployment (tasks/evaluate/variants.py): every model the export stage exported, in each of its variants
+(PyTorch fp32, ONNX Runtime fp32, ONNX Runtime int8, PyTorch int8), timed in one interleaved run at batch 1
+and batch `throughput_batch_size` on `latency_threads` threads, its disk size, and for a classifier its
+validation and test metrics on its task (every variant on the same examples). The ONNX versions in the
+registry get these figures as tags, and the champion rule with them.
+
 Output: `report.json` (schema below), `report.md` (a table to read), `plots/*.png`, and `models/<name>.json`
-per model (written as each finishes, so an interrupted stage resumes after the last finished model).
+per model (written as each finishes, so an interrupted stage resumes after the last finished model), and
+`deployment.json` (the variants' measures, likewise).
 
 report.json (schema 2)
   schema             2
@@ -57,6 +64,12 @@ report.json (schema 2)
     retention          {metric: student / teacher}: downstream/<task>, downstream_score, mlm_accuracy,
                        mlm_perplexity (teacher / student), nsp and sop chance-corrected; null where undefined
     speedup            {cpu_latency: teacher / this model, gpu_throughput: this model / teacher}
+  deployment         protocol (variants, threads, cpu, matmul_gflops, batch sizes, sentences, repeats, order)
+                     and rows[]: one per exported model x variant: name, model, task (null: an encoder), kind,
+                     variant, disk_bytes, max_abs_diff and argmax_agreement (against PyTorch fp32, from the
+                     export), cpu_latency_ms, throughput_sequences_per_s, their passes, metric, test,
+                     test_ci95, validation, speedup (the teacher's PyTorch fp32 latency of the same kind /
+                     this one's), throughput_ratio, accuracy_delta (test metric - the same model's fp32)
 """
 
 from __future__ import annotations
@@ -82,6 +95,7 @@ from tasks import engine, scoring
 from tasks.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from tasks.config import PipelineConfig
 from tasks.downstream import data as downstream
+from tasks.evaluate import variants
 from tasks.pairs import outputs as pairs
 from tasks.pairs.outputs import PairsSplit
 from tasks.pipeline import MODEL_NAMES, REGISTERED_NAMES, STAGES, task_registered_name
@@ -95,6 +109,8 @@ log = logging.getLogger(__name__)
 REPORT_SCHEMA = 2
 MODELS_DIR = "models"
 PLOTS_DIR = "plots"
+DEPLOYMENT_JSON = "deployment.json"  # the variants' measures, kept to resume
+DEPLOYMENT_PLOT = "deployment_accuracy_vs_latency.png"
 REFERENCE = "teacher"
 # Registry names of the models the stages save (their manifests' "models" entries) -> report names.
 REPORT_NAMES = {v: k for k, v in REGISTERED_NAMES.items()}
@@ -515,6 +531,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("- GPU throughput: no GPU in this run.")
     lines += [f"- Protocol fingerprint (registry tag lightbert.protocol): {p['fingerprint']}", ""]
+    if report.get("deployment"):
+        lines += variants.deployment_markdown(report["deployment"])
     for task in d["tasks"]:
         lines += [f"### {task}: every run", "", "| model | mode | seed | lr | best step | validation | test "
                   "| largest predicted-class share |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -636,7 +654,7 @@ def evaluate_one(spec: dict[str, Any], cfg: PipelineConfig, views: dict[str, Pai
     return entry
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     import platform
 
     try:
@@ -661,7 +679,7 @@ def protocol_fingerprint(cfg: PipelineConfig, tasks: dict[str, dict[str, Any]]) 
 def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     t0 = time.perf_counter()
     ecfg = cfg.evaluate
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "matmul_threads": torch.get_num_threads(), "matmul_gflops": engine.matmul_gflops()}
     specs = models_to_evaluate(cfg, ctx)
     rt = engine.setup_runtime("auto")
@@ -712,6 +730,7 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                  "sop_majority_accuracy": score_view_baseline(views["sop"]),
                  "mlm_commonest_token_accuracy": commonest_token_share(views["nsp"])}
     add_relative(entries, baselines, len(views["nsp"]))
+    deployment = deployment_of(cfg, ctx, sentences, f"{tasks[0]} validation", machine)
     for e in entries:
         ctx.log_metrics({f"{e['name']}_{k}": v for k, v in flat_metrics(e).items()})
     dcfg = cfg.section("evaluate")["downstream"]
@@ -752,12 +771,15 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         },
         "baselines": baselines,
         "models": entries,
+        "deployment": deployment,
     }
     atomic_write_json(ctx.out_dir / "report.json", report)
     atomic_write_text(ctx.out_dir / "report.md", report_markdown(report))
     artifacts = ["report.json", "report.md"]
     if ecfg.plots:
         artifacts += write_plots(report, ctx.out_dir / PLOTS_DIR)
+        if variants.deployment_plot(deployment, ctx.out_dir / PLOTS_DIR / DEPLOYMENT_PLOT):
+            artifacts.append(f"{PLOTS_DIR}/{DEPLOYMENT_PLOT}")
 
     counts: dict[str, float] = {"models": len(entries), "seconds": round(time.perf_counter() - t0, 3),
                                 "matmul_gflops": round(machine["matmul_gflops"], 1)}
@@ -770,6 +792,7 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     registry = [{"name": e["registered_name"], "fingerprint": e["source_fingerprint"], "metrics": flat_metrics(e),
                  "protocol": protocol} for e in entries]
     registry += task_model_entries(ctx, entries, protocol)
+    registry += variants.registry_entries(deployment, ctx.upstream["export"], protocol)
     return StageReport(
         counts=counts,
         inputs=[{"stage": n, "fingerprint": r.fingerprint} for n, r in ctx.upstream.items()]
@@ -780,6 +803,24 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                                                                "mlm_accuracy", "cpu_latency_ms", "parameters")}
                              for e in entries}},
     )
+
+
+def deployment_of(cfg: PipelineConfig, ctx: StageContext, sentences: list[str], source: str,
+                  machine: dict[str, Any]) -> dict[str, Any]:
+    """Every exported model x variant measured side by side (tasks/evaluate/variants.py); an interrupted
+    stage reuses what the previous attempt measured."""
+    path = ctx.out_dir / DEPLOYMENT_JSON
+    if ctx.resuming and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    ecfg = cfg.evaluate
+    log.info("evaluate: every exported model x variant, interleaved")
+    task_data = {name: (data, info) for name, data, info in downstream.load_tasks(cfg)}
+    deployment = variants.measure_deployment(
+        ctx.upstream_dir("export"), sentences, source, task_data, ecfg.latency_threads, ecfg.latency_repeats,
+        ecfg.throughput_batch_size, ecfg.downstream.max_seq_len, ecfg.downstream.bootstrap_resamples, machine,
+        reference=REFERENCE)
+    atomic_write_json(path, deployment)
+    return deployment
 
 
 def task_model_entries(ctx: StageContext, entries: list[dict[str, Any]], protocol: dict[str, str]) -> list[dict]:

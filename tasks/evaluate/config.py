@@ -18,6 +18,8 @@ class EvaluateConfig(Section):
     latency_sentences: int = Field(200, ge=1, description="validation sentences in one timed pass at batch 1")
     latency_repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
     latency_threads: int = Field(1, ge=1, description="torch CPU threads while timing (stated in the report)")
+    throughput_batch_size: int = Field(32, ge=1, description="batch of the CPU throughput measure of every "
+                                       "exported variant (the deployment table)")
     gpu_batch_size: int = Field(256, ge=1, description="batch of the GPU throughput measure (when a GPU is there)")
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     plots: bool = True

@@ -259,7 +259,8 @@ def test_a_local_labelled_file_runs_through_the_task_stages_into_the_report(task
     cfg, _ = load_config("smoke", overrides=[*TASK_OVERRIDES, f"evaluate.downstream.tasks=[{task}]",
                                              "evaluate.downstream.learning_rates.bert=[2.0e-3]",
                                              "evaluate.downstream.epochs=3", "evaluate.latency_sentences=4",
-                                             "evaluate.latency_repeats=1", "evaluate.plots=false"])
+                                             "evaluate.latency_repeats=1", "evaluate.plots=false",
+                                             "export.models=[lightbert-distilbert-tickets]"])
     workdir = tmp_path / "wd"
     records = {k: v for k, v in task_stages["records"].items()
                if k in ("pairs", "teacher", "distilbert", "albert")}

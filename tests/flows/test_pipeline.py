@@ -79,7 +79,8 @@ def test_flow_tracks_each_stage_and_reuses_them(prefect_harness, text_corpus, wo
     for plot in ("accuracy_vs_parameters.png", "accuracy_vs_cpu_latency.png"):
         assert (workdir / "evaluate" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "outputs/plots")}
-    assert logged == {"outputs/plots/accuracy_vs_parameters.png", "outputs/plots/accuracy_vs_cpu_latency.png"}
+    assert logged == {"outputs/plots/accuracy_vs_parameters.png", "outputs/plots/accuracy_vs_cpu_latency.png",
+                      "outputs/plots/deployment_accuracy_vs_latency.png"}
     assert {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "outputs")} >= {
         "outputs/report.json", "outputs/report.md"}
     for entry in report["models"]:  # the first evaluated version of each model becomes its champion
