@@ -8,5 +8,5 @@ STAGE = StageSpec(name="distilbert", build="tasks.distilbert.build:build_distilb
                   upstream=("teacher", "cache", "pairs"), section=DistilbertConfig, key_config=distilbert_key,
                   checks=(check_teacher_layers, check_cache),
                   code_modules=("models.distilbert", "models.losses", "models.bert", "tasks.engine",
-                                "tasks.cache.outputs", "tasks.scoring"),
+                                "tasks.cache.outputs", "tasks.scoring", "tasks.distilbert.masking"),
                   resumable=True, models={"distilbert": "lightbert-distilbert"}, training=("train",))

@@ -267,6 +267,28 @@ class PairsSplit:
                 total[:len(counts)] += counts
         return total
 
+    def token_counts(self) -> np.ndarray:
+        """How often each token id occurs, unmasked (the labels put back), in the NSP view's A and B' segments
+        (special tokens not counted), read shard by shard (memory: one shard's tokens)."""
+        total = np.zeros(0, dtype=np.int64)
+        for a, take in self._shard_rows():
+            offsets = np.asarray(a["offsets"][:take + 1], dtype=np.int64)
+            tokens = np.asarray(a["tokens"][:offsets[-1]], dtype=np.int64)
+            ex_of_label = np.repeat(np.arange(take), np.diff(np.asarray(a["label_offsets"][:take + 1], dtype=np.int64)))
+            end = int(a["label_offsets"][take])
+            tokens[offsets[ex_of_label] + np.asarray(a["label_positions"][:end], dtype=np.int64)] = \
+                np.asarray(a["label_ids"][:end], dtype=np.int64)
+            lengths = np.asarray(a["lengths"][:take], dtype=np.int64)
+            run = np.repeat(np.arange(take), np.diff(offsets))
+            in_nsp = np.arange(len(tokens)) - offsets[run] < (lengths[:, 0] + lengths[:, 1])[run]
+            counts = np.bincount(tokens[in_nsp])
+            if len(counts) > len(total):
+                counts[:len(total)] += total
+                total = counts
+            else:
+                total[:len(counts)] += counts
+        return total
+
 
 def _type_ids(len_first: int, len_second: int) -> np.ndarray:
     return np.repeat(np.array([0, 1], dtype=np.int64), [len_first + 2, len_second + 1])
