@@ -432,45 +432,62 @@ def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:
     engine.save_trained(student, model_dir, tok)
 
 
-def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, main_summary: dict[str, Any],
-                    inp: Inputs, saved: SavedTeacher) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Train each requested row at the configured step budget into ablations/<row>/ and write ablations.json
-    and ablations.md. A row is the configured student with the row's change, less the terms the teacher
-    cannot serve (its note says which); a row that comes out the same as the configured student or as an
-    earlier row reuses that result and says so (same_as), rather than training a duplicate. Returns (rows,
-    {skipped row: why}): a row left with no loss term (Lce only, from a teacher without an MLM head)."""
-    names = cfg.distilbert.ablation_rows()
-    if not names:
-        return [], {}
-    requested = configured_run(cfg, main.layer_map)  # before without_missing_terms
-    n_teacher = inp.teacher_config.num_hidden_layers
-    rows: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
-    served: dict[str, StudentRun] = {}
+@dataclass(frozen=True)
+class AblationRow:
+    """One requested row as the teacher can serve it."""
+
+    name: str
+    run: StudentRun | None  # None: no loss term left, not trained
+    notes: tuple[str, ...]  # what differs from the row's intent, and why
+    same_as: str | None  # "the configured student", or an earlier row that is the same student
+
+
+def plan_ablations(names: list[str], requested: StudentRun, main: StudentRun, saved: SavedTeacher,
+                   n_teacher: int) -> list[AblationRow]:
+    """Each row: the configured student as requested (`requested`, before without_missing_terms) with the
+    row's change, less the terms the teacher cannot serve (a note says which); a row that comes out the
+    same as the configured student (`main`) or an earlier row says so instead of training a duplicate."""
+    planned: list[AblationRow] = []
     for name in names:
         run, dropped = without_missing_terms(ablation_run(requested, name, n_teacher), saved)
         notes = [f"L{term} unavailable: {why}" for term, why in dropped.items()]
         if not losses_used(run):
-            skipped[name] = f"no loss term left ({'; '.join(notes)})"
+            planned.append(AblationRow(name, None, (*notes, "no loss term left: not trained"), None))
             continue
-        twin = "the configured student" if run == main else next((n for n, r in served.items() if r == run), None)
-        served[name] = run
+        twin = "the configured student" if run == main else \
+            next((r.name for r in planned if r.run == run and r.same_as is None), None)
+        if twin is not None and (name != "triple" or run != main):
+            notes.append(f"the same student as {twin}: its result is reused")
+        planned.append(AblationRow(name, run, tuple(notes), twin))
+    return planned
+
+
+def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, main_summary: dict[str, Any],
+                    inp: Inputs, saved: SavedTeacher) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Train each requested row (plan_ablations) at the configured step budget into ablations/<row>/ and
+    write ablations.json and ablations.md. Returns (rows, {skipped row: why})."""
+    names = cfg.distilbert.ablation_rows()
+    if not names:
+        return [], {}
+    plan = plan_ablations(names, configured_run(cfg, main.layer_map), main, saved, inp.teacher_config.num_hidden_layers)
+    rows: list[dict[str, Any]] = []
+    skipped = {r.name: "; ".join(r.notes) for r in plan if r.run is None}
+    for planned in (r for r in plan if r.run is not None):
+        name = planned.name
         run_dir = ctx.out_dir / ABLATIONS / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if twin is not None:
-            earlier = main_summary if run == main else _read_result(ctx.out_dir / ABLATIONS / twin)
-            summary = {**earlier, "same_as": twin}
+        if planned.same_as is not None:
+            earlier = main_summary if planned.run == main else _read_result(ctx.out_dir / ABLATIONS / planned.same_as)
+            summary = {**earlier, "same_as": planned.same_as}
             atomic_write_json(run_dir / RESULT, summary)
-            if name != "triple" or run != main:
-                notes.append(f"the same student as {twin}: its result is reused")
         else:
             summary = _read_result(run_dir) if ctx.resuming else None
             if summary is None:
-                _, summary = train_student(cfg, ctx, run, inp, run_dir, metrics_prefix=f"ablation/{name}/")
+                _, summary = train_student(cfg, ctx, planned.run, inp, run_dir, metrics_prefix=f"ablation/{name}/")
                 engine.finish_run(run_dir / CHECKPOINTS, run_dir / RESULT, summary)
         row = {"row": name, "title": ROW_TITLES[name], "source": "paper Table 4" if name in TABLE4_ROWS else "ours",
                **({"paper_glue_delta": PAPER_TABLE4_DELTA[name]} if name in PAPER_TABLE4_DELTA else {}),
-               **summary, **({"note": "; ".join(notes)} if notes else {})}
+               **summary, **({"note": "; ".join(planned.notes)} if planned.notes else {})}
         rows.append(row)
         ctx.log_metrics({f"ablation/{name}/{k}": row[k] for k in ("val_mlm_accuracy", "val_mlm_perplexity")}, None)
     atomic_write_json(ctx.out_dir / f"{ABLATIONS}.json", rows)

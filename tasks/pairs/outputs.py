@@ -259,12 +259,7 @@ class PairsSplit:
             rnd = np.asarray(a["next_sentence_label"][:take])[ex] == 1
             keep = pos < lengths[:, 0] + lengths[:, 1] if view == "nsp" else \
                 (pos < lengths[:, 0]) | ~rnd | (pos >= lengths[:, 0] + lengths[:, 1])
-            counts = np.bincount(ids[keep])
-            if len(counts) > len(total):
-                counts[:len(total)] += total
-                total = counts
-            else:
-                total[:len(counts)] += counts
+            total = _add_counts(total, np.bincount(ids[keep]))
         return total
 
     def token_counts(self) -> np.ndarray:
@@ -281,13 +276,17 @@ class PairsSplit:
             lengths = np.asarray(a["lengths"][:take], dtype=np.int64)
             run = np.repeat(np.arange(take), np.diff(offsets))
             in_nsp = np.arange(len(tokens)) - offsets[run] < (lengths[:, 0] + lengths[:, 1])[run]
-            counts = np.bincount(tokens[in_nsp])
-            if len(counts) > len(total):
-                counts[:len(total)] += total
-                total = counts
-            else:
-                total[:len(counts)] += counts
+            total = _add_counts(total, np.bincount(tokens[in_nsp]))
         return total
+
+
+def _add_counts(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Two bincounts of different lengths, summed."""
+    if len(counts) > len(total):
+        counts[:len(total)] += total
+        return counts
+    total[:len(counts)] += counts
+    return total
 
 
 def _type_ids(len_first: int, len_second: int) -> np.ndarray:
