@@ -4,7 +4,13 @@ the teacher's `BertConfig` and initialised from the teacher's weights along a la
 DistilBERT's blocks are BERT's blocks under other names (post-LayerNorm attention, then post-LayerNorm
 FFN; the same scaling and activation), so a student layer copied from a teacher layer computes exactly
 what that teacher layer computes. What DistilBERT drops: token-type embeddings, the pooler and the NSP
-head. `PARAMETER_MAP` below names, for every student tensor, the teacher tensor it is copied from.
+head. `PARAMETER_MAP` below names, for every student tensor, the teacher tensor it is copied from; the
+teacher's token-type embedding of segment 0 is folded into the student's position embeddings, so that
+the student's embeddings are the teacher's at token_type_ids = 0 (HF's extract_distilbert.py drops it).
+
+Two layer maps (`resolve_layer_map`): `even`, every n_teacher / n_student-th layer ending at the last
+([2, 4, ..., 12] for 12 -> 6, 1-based), and `hf`, the map of HF's released distilbert-base-uncased
+(teacher layers 0, 2, 4, 7, 9, 11 0-based, scripts/extract_distilbert.py) generalised to any depth.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from transformers import BertConfig, DistilBertConfig, DistilBertForMaskedLM
 # The teacher is a BertForPreTraining or BertForMaskedLM (both have `bert.` and `cls.predictions.`).
 EMBEDDING_MAP = {
     "distilbert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-    "distilbert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "distilbert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",  # + TOKEN_TYPE[0]
     "distilbert.embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.weight",
     "distilbert.embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.bias",
 }
@@ -41,6 +47,10 @@ HEAD_MAP = {  # BERT's head: dense -> activation -> LayerNorm -> decoder, as Dis
     "vocab_projector.weight": "cls.predictions.decoder.weight",  # tied to the word embeddings in both
     "vocab_projector.bias": "cls.predictions.bias",
 }
+# Added, row 0 (segment A), to the student's position embeddings: the student has no token types.
+TOKEN_TYPE = "bert.embeddings.token_type_embeddings.weight"
+POSITION = "distilbert.embeddings.position_embeddings.weight"
+LAYER_MAPS = ("even", "hf")
 # Without a teacher head (a BertModel teacher) these start fresh; the decoder is still the word embeddings.
 FRESH_HEAD = ("vocab_transform.weight", "vocab_transform.bias", "vocab_layer_norm.weight", "vocab_layer_norm.bias",
               "vocab_projector.bias")
@@ -52,18 +62,37 @@ def default_num_layers(n_teacher: int) -> int:
 
 
 def default_layer_map(n_teacher: int, n_student: int) -> list[int]:
-    """1-based teacher layer of each student layer, spread evenly and ending at the teacher's last:
+    """`even`: 1-based teacher layer of each student layer, spread evenly and ending at the teacher's last:
     student layer i <- teacher layer i * n_teacher / n_student (12 -> 6: 2, 4, 6, 8, 10, 12)."""
     if not 1 <= n_student <= n_teacher:
         raise ValueError(f"a student of {n_student} layers cannot be mapped onto a teacher of {n_teacher}")
     return [i * n_teacher // n_student for i in range(1, n_student + 1)]
 
 
+def hf_layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """`hf`: HF's distilbert-base-uncased map, [0, 2, 4, 7, 9, 11] 0-based for 12 -> 6, generalised: the
+    teacher's first and last layers are kept and the others spread between them, 0-based teacher layer
+    round_half_up(i * (n_teacher - 1) / (n_student - 1)) for student layer i = 0..n_student-1 (12 -> 6 gives
+    exactly HF's). Returned 1-based, as every layer map here: [1, 3, 5, 8, 10, 12]. One student layer
+    cannot keep both ends: it takes the last teacher layer, as `even` does."""
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"a student of {n_student} layers cannot be mapped onto a teacher of {n_teacher}")
+    if n_student == 1:
+        return [n_teacher]
+    span, gaps = n_teacher - 1, n_student - 1
+    return [1 + (2 * i * span + gaps) // (2 * gaps) for i in range(n_student)]  # integer round-half-up
+
+
 def resolve_layer_map(n_teacher: int, num_layers: int | None = None,
-                      layer_map: Sequence[int] | None = None) -> list[int]:
-    """The mapping a configuration asks for (distilbert.num_layers / layer_map), checked against the teacher."""
-    if layer_map is None:
-        return default_layer_map(n_teacher, num_layers or default_num_layers(n_teacher))
+                      layer_map: str | Sequence[int] | None = None) -> list[int]:
+    """The mapping a configuration asks for (distilbert.num_layers / layer_map: even (or None), hf, or
+    1-based teacher layers), checked against the teacher."""
+    if layer_map is None or isinstance(layer_map, str):
+        kind = layer_map or "even"
+        if kind not in LAYER_MAPS:
+            raise ValueError(f"distilbert.layer_map {kind!r} is not one of {list(LAYER_MAPS)} or a list of layers")
+        n_student = num_layers or default_num_layers(n_teacher)
+        return (hf_layer_map if kind == "hf" else default_layer_map)(n_teacher, n_student)
     layer_map = list(layer_map)
     if num_layers is not None and len(layer_map) != num_layers:
         raise ValueError(f"distilbert.layer_map {layer_map} has {len(layer_map)} entries for "
@@ -137,7 +166,9 @@ def teacher_has_mlm_head(teacher: nn.Module) -> bool:
 def init_student_from_teacher(teacher: nn.Module, student: DistilBertForMaskedLM,
                               layer_map: Sequence[int]) -> dict[str, str]:
     """Copy the teacher's embeddings, the mapped layers (1-based `layer_map[i]` -> student layer i) and the
-    MLM head into the student. A teacher without a head (a bare BertModel) leaves the student's head
+    MLM head into the student; the position embeddings get the teacher's token-type embedding 0 added, so
+    that with token_type_ids = 0 the student's embeddings and first k layers (layer_map [1, ..., k]) compute
+    the teacher's hidden states exactly. A teacher without a head (a bare BertModel) leaves the student's head
     transform and output bias at their fresh initialisation (the decoder is the word embeddings either
     way). Returns the mapping used. Raises if any other student tensor would be left at its random
     initialisation or shapes differ (a teacher of another width, vocabulary or position count)."""
@@ -164,6 +195,8 @@ def init_student_from_teacher(teacher: nn.Module, student: DistilBertForMaskedLM
             raise ValueError(f"{name} {tuple(params[name].shape)} cannot take the teacher's {source} "
                              f"{tuple(value.shape)}")
         params[name].copy_(value)
+    if TOKEN_TYPE in teacher_state:  # a teacher without token types (none here) would have nothing to fold
+        params[POSITION].add_(teacher_state[TOKEN_TYPE][0])
     return mapping
 
 

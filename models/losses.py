@@ -15,7 +15,8 @@ taking the student's log-softmax over the whole vocabulary) would instead push t
 its mass on S, which the teacher does not do whenever the top-k mass is below 1. With S = the whole
 vocabulary (k = V, or the online teacher) it is exactly DistilBERT's KL on the full softmax. The T^2
 keeps the gradient scale independent of T (Hinton et al. 2015). Positions: those with soft labels, the
-masked positions by default (as DistilBERT's code).
+masked positions by default (lightbert's choice, distilbert.ce_positions: masked); HF's distiller computes
+Lce at every non-padding token unless --restrict_ce_to_mask is passed (distilbert.ce_positions: all).
 
 Lmlm: cross-entropy of the student's full-vocabulary logits against the true tokens at the masked positions.
 Lcos: 1 - cosine(student hidden, teacher hidden) averaged over the compared tokens, for one pair of

@@ -8,6 +8,6 @@ STAGE = StageSpec(name="distilbert", build="tasks.distilbert.build:build_distilb
                   upstream=("teacher", "cache", "pairs"), section=DistilbertConfig, key_config=distilbert_key,
                   checks=(check_teacher_layers, check_cache),
                   code_modules=("models.distilbert", "models.losses", "models.intermediate", "models.matches",
-                                "models.bert", "tasks.engine",
-                                "tasks.cache.outputs", "tasks.scoring"),
+                                "models.bert", "tasks.engine", "tasks.cache.outputs", "tasks.scoring",
+                                "tasks.distilbert.masking"),
                   resumable=True, models={"distilbert": "lightbert-distilbert"}, training=("train",))

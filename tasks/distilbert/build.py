@@ -1,12 +1,14 @@
 """DistilBERT stage: a student with half the teacher's layers, initialised from the teacher along a layer
 mapping and trained with the triple loss (soft labels, masked LM, hidden-state cosine) by tasks/engine.py;
-optionally the DistilBERT paper's Table 4 ablations at the same step budget.
+optionally the DistilBERT paper's Table 4 ablations at the same step budget (and rows of ours).
 
 Teacher signal: `cached` (default) reads the teacher's top-k soft labels and hidden states from the cache
 stage (CachedPairs); `online` runs the teacher in every step with its full distribution (the baseline the
 cached path must agree with where k covers the vocabulary; benchmarks/distill.py compares their speed).
 In both modes Lcos compares hidden states where the cache keeps them (cache.hidden_positions: the masked
-positions by default, or every real token), so that the two modes stay comparable.
+positions by default, or every real token), so that the two modes stay comparable. Lce is computed at
+distilbert.ce_positions (masked, or every real token as HF's distiller); online mode can draw new masks
+for every batch (distilbert.masking: dynamic, tasks/distilbert/masking.py).
 
 Output: `model/` (DistilBertForMaskedLM, save_pretrained safetensors, with the teacher's tokenizer),
 `training.json`, and with ablations on, `ablations/<row>/result.json`, `ablations.json`, `ablations.md`.
@@ -60,7 +62,8 @@ from tasks.artifacts import atomic_write_json, atomic_write_text
 from tasks.cache.outputs import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
 from tasks.config import PipelineConfig
 from tasks.distilbert import STAGE
-from tasks.distilbert.config import shape_problem
+from tasks.distilbert.config import TABLE4_ROWS, shape_problem
+from tasks.distilbert.masking import DynamicMasker, token_probabilities
 from tasks.pairs import outputs as pairs_output
 from tasks.stage import StageContext, StageError, StageReport
 from tasks.teacher.outputs import SavedTeacher, load_saved
@@ -71,23 +74,34 @@ ABLATIONS = "ablations"
 RESULT = "training.json"
 STUDENT_INPUTS = ("input_ids", "attention_mask", "labels")  # no token types: DistilBERT has none
 TEACHER_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels")  # the online teacher's view
-# Ablation rows as changes to the configured student (DistilBERT paper, Table 4), + a no-teacher baseline.
+# Ablation rows as changes to the configured student: the DistilBERT paper's Table 4 (one loss removed at a
+# time, random init), then ours (config.OUR_ROWS).
 ROWS: dict[str, dict[str, Any]] = {
     "triple": {"init": "teacher"},
+    "no_ce": {"init": "teacher", "ce": 0.0},
     "no_cos": {"init": "teacher", "cos": 0.0},
-    "no_cos_no_mlm": {"init": "teacher", "cos": 0.0, "mlm": 0.0},
+    "no_mlm": {"init": "teacher", "mlm": 0.0},
     "random_init": {"init": "random"},
+    "no_cos_no_mlm": {"init": "teacher", "cos": 0.0, "mlm": 0.0},
     "random_init_mlm_only": {"init": "random", "ce": 0.0, "cos": 0.0},
     "no_inter": {"matches": ()},  # ours: the configured student without its intermediate matches
+    "layer_map_hf": {"init": "teacher", "layer_map": "hf"},
+    "layer_map_even": {"init": "teacher", "layer_map": "even"},
 }
 ROW_TITLES = {
     "triple": "triple loss (Lce + Lmlm + Lcos), teacher init",
+    "no_ce": "without Lce",
     "no_cos": "without Lcos",
-    "no_cos_no_mlm": "without Lcos and Lmlm (Lce only)",
+    "no_mlm": "without Lmlm",
     "random_init": "triple loss, random init",
+    "no_cos_no_mlm": "without Lcos and Lmlm (Lce only)",
     "random_init_mlm_only": "random init, Lmlm only (no teacher)",
     "no_inter": "without the intermediate matches (ours)",
+    "layer_map_hf": "triple loss, layer map hf (first and last teacher layers)",
+    "layer_map_even": "triple loss, layer map even (every second, ending at the last)",
 }
+# The paper's Table 4: change in GLUE macro-score to the triple loss with teacher init (Sanh et al. 2019).
+PAPER_TABLE4_DELTA = {"triple": 0.0, "no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,9 @@ class StudentRun:
     cos_layers: str  # last | mapped
     mode: str  # cached | online
     matches: tuple[Match, ...] = ()  # intermediate terms (models/intermediate.py)
+    layer_map: tuple[int, ...] = ()  # 1-based teacher layers; () = the stage's (Inputs.layer_map)
+    ce_positions: str = "masked"  # masked | all
+    masking: str = "fixed"  # fixed | dynamic
 
     @property
     def needs_teacher(self) -> bool:
@@ -108,13 +125,15 @@ class StudentRun:
         w = self.weights
         return {"init": self.init, "alpha_ce": w.ce, "alpha_mlm": w.mlm, "alpha_cos": w.cos,
                 "temperature": w.temperature, "cos_layers": self.cos_layers, "mode": self.mode,
-                "matches": [vars(m) for m in self.matches]}
+                "matches": [vars(m) for m in self.matches], "layer_map": list(self.layer_map),
+                "ce_positions": self.ce_positions, "masking": self.masking}
 
 
-def configured_run(cfg: PipelineConfig) -> StudentRun:
+def configured_run(cfg: PipelineConfig, layer_map: list[int] | tuple[int, ...] = ()) -> StudentRun:
     d = cfg.distilbert
     return StudentRun(d.init, LossWeights(d.alpha_ce, d.alpha_mlm, d.alpha_cos, d.temperature), d.cos_layers, d.mode,
-                      d.match_list())
+                      matches=d.match_list(), layer_map=tuple(layer_map), ce_positions=d.ce_positions,
+                      masking=d.masking)
 
 
 def without_missing_terms(run: StudentRun, teacher: SavedTeacher) -> tuple[StudentRun, dict[str, str]]:
@@ -132,11 +151,14 @@ def losses_used(run: StudentRun) -> list[str]:
         m.name.removesuffix("_loss") for m in run.matches if m.weight > 0]
 
 
-def ablation_run(base: StudentRun, row: str) -> StudentRun:
+def ablation_run(base: StudentRun, row: str, n_teacher: int) -> StudentRun:
+    """The configured student (the stage's resolved layer map in base.layer_map) with the row's changes."""
     change = dict(ROWS[row])
     init = change.pop("init", base.init)
     matches = change.pop("matches", base.matches)
-    return replace(base, init=init, weights=replace(base.weights, **change), matches=matches)
+    kind = change.pop("layer_map", None)
+    layer_map = base.layer_map if kind is None else tuple(resolve_layer_map(n_teacher, len(base.layer_map), kind))
+    return replace(base, init=init, layer_map=layer_map, matches=matches, weights=replace(base.weights, **change))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,29 +219,45 @@ def lcos_positions(hidden_positions: str) -> str:
     return "all" if hidden_positions == "all" else "masked"
 
 
+def restrict_to_masked(sig: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Soft labels cached at every real token (cache.positions: all), kept at the masked positions only
+    (distilbert.ce_positions: masked)."""
+    keep = batch["labels"][sig["where"]] != IGNORE_INDEX
+    return {**sig, "where": sig["where"] & (batch["labels"] != IGNORE_INDEX), "ids": sig["ids"][keep],
+            "probs": sig["probs"][keep]}
+
+
 def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: str = "masked", teacher=None,
-                 hidden_positions: str = "masked"):
+                 hidden_positions: str = "masked", masker: DynamicMasker | None = None):
     """The engine's loss_fn(student, batch) -> (loss, {term: value}). cos_pairs: (student layer,
     teacher layer), 1-based (0 = embeddings); the student's logits are computed only at the loss positions;
-    positions / hidden_positions: the cache's (cache.positions, cache.hidden_positions), also online."""
+    positions / hidden_positions: the cache's (cache.positions, cache.hidden_positions; Lcos uses the hidden
+    ones online too); Lce is at run.ce_positions. masker: re-masks every batch first (masking: dynamic)."""
     w = run.weights
     teacher_layers = [t for _, t in cos_pairs] if w.cos > 0 else []
     teacher_layers = sorted({*teacher_layers, *(m.teacher_layer for m in run.matches if m.feature == "hidden")})
     attention_layers = tuple(sorted({m.teacher_layer for m in run.matches if m.feature == "attention"}))
     all_layers = w.cos > 0 and len(cos_pairs) > 1
+    if run.mode == "cached" and w.ce > 0 and run.ce_positions == "all" and positions != "all":
+        raise StageError("distilbert.ce_positions is all but the cache holds soft labels at the masked positions "
+                         "only: set cache.positions: all, or distilbert.ce_positions: masked, or distilbert.mode: online")
 
     def loss_fn(model: DistilBertForMaskedLM | StudentWithProjections, batch: dict[str, torch.Tensor]):
         student, projections = ((model.student, model.projections) if isinstance(model, StudentWithProjections)
                                 else (model, {}))
+        if masker is not None:
+            batch = masker(batch)
         attention = batch["attention_mask"]
         out = student.distilbert(input_ids=batch["input_ids"], attention_mask=attention,
                                  output_hidden_states=all_layers or bool(run.matches), return_dict=True)
         sig = None
-        if run.needs_teacher:
-            sig = (online_teacher(teacher, batch, teacher_layers, positions, hidden_positions, w.temperature,
-                                  attention_layers)
-                   if run.mode == "online"
-                   else cached_teacher(batch, teacher_layers, w.temperature))
+        if run.needs_teacher and run.mode == "online":
+            sig = online_teacher(teacher, batch, teacher_layers, run.ce_positions, hidden_positions, w.temperature,
+                                 attention_layers)
+        elif run.needs_teacher:
+            sig = cached_teacher(batch, teacher_layers, w.temperature)
+            if w.ce > 0 and run.ce_positions == "masked" and positions == "all":
+                sig = restrict_to_masked(sig, batch)
         # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
         where = sig["where"] if sig is not None and w.ce > 0 else position_mask(batch, "masked")
         logits = mlm_head(student, out.last_hidden_state[where])
@@ -270,13 +308,25 @@ class Inputs:
     pad_id: int
     positions: str
     hidden_positions: str
+    masker: DynamicMasker | None = None  # distilbert.masking: dynamic
+
+
+def dynamic_masker(cfg: PipelineConfig, tok, pairs_train, vocab_size: int) -> DynamicMasker:
+    """HF's distiller's masking: the train split's token counts smoothed by distilbert.mlm_smoothing, and
+    the pairs stage's masking ratios (pairs.mask_prob, mask_token_prob, random_token_prob)."""
+    specials = sorted(set(tok.all_special_ids))
+    probs = token_probabilities(pairs_train.token_counts(), vocab_size, specials, cfg.distilbert.mlm_smoothing)
+    random_ids = torch.tensor(sorted(set(range(vocab_size)) - set(specials)), dtype=torch.long)
+    p = cfg.pairs
+    return DynamicMasker(probs, tok.mask_token_id, random_ids, p.mask_prob, p.mask_token_prob, p.random_token_prob)
 
 
 def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: Inputs, run_dir: Path,
                   metrics_prefix: str = "") -> tuple[DistilBertForMaskedLM, dict[str, Any]]:
     """Train one student into run_dir (checkpoints while it runs) and evaluate it; returns (model, result)."""
     d = cfg.distilbert
-    pairs = cos_layer_pairs(run.cos_layers, inp.layer_map, inp.teacher_config.num_hidden_layers)
+    layer_map = list(run.layer_map or inp.layer_map)
+    pairs = cos_layer_pairs(run.cos_layers, layer_map, inp.teacher_config.num_hidden_layers)
     rt = engine.setup_runtime(d.train.precision)
     multiple = 8 if rt.device.type == "cuda" else 1
     teacher = None
@@ -292,9 +342,9 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         if run.needs_teacher:
             teacher = inp.teacher.to(rt.device)
     torch.manual_seed(ctx.seed)
-    student = build_student(inp.teacher_config, len(inp.layer_map), d.dropout, **d.width())
+    student = build_student(inp.teacher_config, len(layer_map), d.dropout, **d.width())
     if run.init == "teacher":
-        init_student_from_teacher(inp.teacher, student, inp.layer_map)
+        init_student_from_teacher(inp.teacher, student, layer_map)
     model: DistilBertForMaskedLM | StudentWithProjections = student
     if run.matches:  # the projections of the hidden matches train with the student (none at equal widths)
         model = StudentWithProjections(student, hidden_projections(run.matches, student.config.dim,
@@ -305,7 +355,9 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     def sink(metrics: dict[str, float], step: int | None) -> None:
         ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
 
-    loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions)
+    loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions,
+                           inp.masker if run.masking == "dynamic" else None)
+
     def evaluate(m, rt):
         m = m.student if isinstance(m, StudentWithProjections) else m
         return scoring.masked_lm_metrics(scoring.score_pretraining(
@@ -373,11 +425,13 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     pairs_dir = ctx.upstream_dir("pairs")
     cache_dir = ctx.upstream_dir("cache")
     cache_manifest = read_cache_manifest(cache_dir)
-    inp = Inputs(teacher, tconf, layer_map, pairs_output.load_split(pairs_dir, "train"),
+    pairs_train = pairs_output.load_split(pairs_dir, "train")
+    inp = Inputs(teacher, tconf, layer_map, pairs_train,
                  pairs_output.load_split(pairs_dir, "validation", columns=[*PRETRAINING_INPUTS, "length"]),
-                 cache_dir, tok.pad_token_id, cache_manifest["positions"], cache_manifest["hidden_positions"])
+                 cache_dir, tok.pad_token_id, cache_manifest["positions"], cache_manifest["hidden_positions"],
+                 dynamic_masker(cfg, tok, pairs_train, tconf.vocab_size) if d.masking == "dynamic" else None)
 
-    main, dropped = without_missing_terms(configured_run(cfg), saved)
+    main, dropped = without_missing_terms(configured_run(cfg, layer_map), saved)
     if sum(vars(main.weights)[k] for k in ("ce", "mlm", "cos")) == 0 and not main.matches:
         raise StageError("distilbert has nothing to train on: alpha_mlm and alpha_cos are 0 and Lce is dropped "
                          f"({dropped['ce']}); set distilbert.alpha_cos or alpha_mlm above 0, or teacher.mlm_head: fit")
@@ -390,7 +444,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         engine.finish_run(ctx.out_dir / CHECKPOINTS, ctx.out_dir / RESULT, summary)
     student = DistilBertForMaskedLM.from_pretrained(ctx.out_dir / MODEL_DIR)
 
-    rows, skipped_rows = train_ablations(cfg, ctx, main, summary, inp)
+    rows, skipped_rows = train_ablations(cfg, ctx, main, summary, inp, saved)
 
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
@@ -464,55 +518,96 @@ def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:
     engine.save_trained(student, model_dir, tok)
 
 
+@dataclass(frozen=True)
+class AblationRow:
+    """One requested row as the teacher can serve it."""
+
+    name: str
+    run: StudentRun | None  # None: no loss term left, not trained
+    notes: tuple[str, ...]  # what differs from the row's intent, and why
+    same_as: str | None  # "the configured student", or an earlier row that is the same student
+
+
+def plan_ablations(names: list[str], requested: StudentRun, main: StudentRun, saved: SavedTeacher,
+                   n_teacher: int) -> list[AblationRow]:
+    """Each row: the configured student as requested (`requested`, before without_missing_terms) with the
+    row's change, less the terms the teacher cannot serve (a note says which); a row that comes out the
+    same as the configured student (`main`) or an earlier row says so instead of training a duplicate."""
+    planned: list[AblationRow] = []
+    for name in names:
+        run, dropped = without_missing_terms(ablation_run(requested, name, n_teacher), saved)
+        notes = [f"L{term} unavailable: {why}" for term, why in dropped.items()]
+        if not losses_used(run):
+            planned.append(AblationRow(name, None, (*notes, "no loss term left: not trained"), None))
+            continue
+        twin = "the configured student" if run == main else \
+            next((r.name for r in planned if r.run == run and r.same_as is None), None)
+        if twin is not None and (name != "triple" or run != main):
+            notes.append(f"the same student as {twin}: its result is reused")
+        planned.append(AblationRow(name, run, tuple(notes), twin))
+    return planned
+
+
 def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, main_summary: dict[str, Any],
-                    inp: Inputs) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Train each requested row at the configured step budget into ablations/<row>/ (a row identical to
-    the configured student reuses its result) and write ablations.json and ablations.md. Returns (rows,
-    {skipped row: why}): a row left with no loss term (Lce only, from a teacher without an MLM head)."""
+                    inp: Inputs, saved: SavedTeacher) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Train each requested row (plan_ablations) at the configured step budget into ablations/<row>/ and
+    write ablations.json and ablations.md. Returns (rows, {skipped row: why})."""
     names = cfg.distilbert.ablation_rows()
     if not names:
         return [], {}
-    rows, skipped = [], {}
-    for name in names:
-        run = ablation_run(main, name)
-        if not losses_used(run):
-            skipped[name] = ("no loss term left: the teacher has no MLM head, so Lce is dropped"
-                             + (", and the row drops the matches" if name == "no_inter" else ""))
-            continue
-        if run.init == "teacher" and not same_shape_as_teacher(
-                inp.teacher_config, student_config(inp.teacher_config, len(inp.layer_map), **cfg.distilbert.width())):
+    plan = plan_ablations(names, configured_run(cfg, main.layer_map), main, saved, inp.teacher_config.num_hidden_layers)
+    rows: list[dict[str, Any]] = []
+    skipped = {r.name: "; ".join(r.notes) for r in plan if r.run is None}
+    narrow = not same_shape_as_teacher(
+        inp.teacher_config, student_config(inp.teacher_config, len(inp.layer_map), **cfg.distilbert.width()))
+    for planned in (r for r in plan if r.run is not None):
+        name = planned.name
+        if narrow and planned.run.init == "teacher":
             skipped[name] = "teacher init needs the teacher's width, heads and FFN size (distilbert.hidden_size ...)"
             continue
         run_dir = ctx.out_dir / ABLATIONS / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if run == main:
-            summary = {**main_summary, "same_as": "the configured student"}
+        if planned.same_as is not None:
+            earlier = main_summary if planned.run == main else _read_result(ctx.out_dir / ABLATIONS / planned.same_as)
+            summary = {**earlier, "same_as": planned.same_as}
             atomic_write_json(run_dir / RESULT, summary)
         else:
             summary = _read_result(run_dir) if ctx.resuming else None
             if summary is None:
-                _, summary = train_student(cfg, ctx, run, inp, run_dir, metrics_prefix=f"ablation/{name}/")
+                _, summary = train_student(cfg, ctx, planned.run, inp, run_dir, metrics_prefix=f"ablation/{name}/")
                 engine.finish_run(run_dir / CHECKPOINTS, run_dir / RESULT, summary)
-        row = {"row": name, "title": ROW_TITLES[name], **summary}
+        row = {"row": name, "title": ROW_TITLES[name], "source": "paper Table 4" if name in TABLE4_ROWS else "ours",
+               **({"paper_glue_delta": PAPER_TABLE4_DELTA[name]} if name in PAPER_TABLE4_DELTA else {}),
+               **summary, **({"note": "; ".join(planned.notes)} if planned.notes else {})}
         rows.append(row)
         ctx.log_metrics({f"ablation/{name}/{k}": row[k] for k in ("val_mlm_accuracy", "val_mlm_perplexity")}, None)
     atomic_write_json(ctx.out_dir / f"{ABLATIONS}.json", rows)
     atomic_write_text(ctx.out_dir / f"{ABLATIONS}.md",
-                      ablation_table(rows, main_summary, cfg.distilbert.train.max_steps))
+                      ablation_table(rows, main_summary, cfg.distilbert.train.max_steps, skipped))
     return rows, skipped
 
 
-def ablation_table(rows: list[dict[str, Any]], main: dict[str, Any], steps: int) -> str:
-    """Markdown: held-out MLM accuracy per row, and its difference to the stage's configured student."""
+def ablation_table(rows: list[dict[str, Any]], main: dict[str, Any], steps: int,
+                   skipped: dict[str, str] | None = None) -> str:
+    """Markdown: held-out MLM accuracy per row, its difference to the stage's configured student (the
+    triple row), and beside it the paper's Table 4 change in GLUE macro-score (another metric, at BERT-base
+    scale: a reference for the direction and order of the effects, not a figure to match)."""
     ref = main["val_mlm_accuracy"]
     lines = [f"Held-out MLM accuracy (validation pairs) after {steps} steps each; the difference is to the "
-             "stage's configured student.", "",
-             "| row | init | a_ce | a_mlm | a_cos | val MLM accuracy | difference | val perplexity |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in [{"row": "student", "title": "configured student (registered)", **main}, *rows]:
-        lines.append(f"| {r['title']} | {r['init']} | {r['alpha_ce']:g} | {r['alpha_mlm']:g} | {r['alpha_cos']:g} | "
-                     f"{r['val_mlm_accuracy']:.4f} | {r['val_mlm_accuracy'] - ref:+.4f} | "
-                     f"{r['val_mlm_perplexity']:.1f} |")
+             "stage's configured student (the triple row). Paper: Sanh et al. 2019, Table 4, change in GLUE "
+             "macro-score (points) to the triple loss; rows marked ours are not in the paper.", "",
+             "| row | source | init | layer map | a_ce | a_mlm | a_cos | val MLM accuracy | difference | "
+             "paper: GLUE difference | val perplexity | note |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in [{"row": "student", "title": "configured student (registered)", "source": "", **main}, *rows]:
+        paper = f"{r['paper_glue_delta']:+.2f}" if "paper_glue_delta" in r else ""
+        layer_map = ", ".join(str(x) for x in r.get("layer_map", []))
+        lines.append(f"| {r['title']} | {r['source']} | {r['init']} | {layer_map} | {r['alpha_ce']:g} | "
+                     f"{r['alpha_mlm']:g} | {r['alpha_cos']:g} | {r['val_mlm_accuracy']:.4f} | "
+                     f"{r['val_mlm_accuracy'] - ref:+.4f} | {paper} | {r['val_mlm_perplexity']:.1f} | "
+                     f"{r.get('note', '')} |")
+    for name, why in (skipped or {}).items():
+        paper = f"{PAPER_TABLE4_DELTA[name]:+.2f}" if name in PAPER_TABLE4_DELTA else ""
+        lines.append(f"| {ROW_TITLES[name]} | {'paper Table 4' if name in TABLE4_ROWS else 'ours'} | | | | | | "
+                     f"not trained | | {paper} | | {why} |")
     return "\n".join(lines) + "\n"
-
-

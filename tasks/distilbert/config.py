@@ -9,9 +9,11 @@ from pydantic import Field, model_validator
 from models.matches import Match, check_matches
 from tasks.section import Section, TrainingConfig
 
-ABLATION_ROWS = ("triple", "no_cos", "no_cos_no_mlm", "random_init", "random_init_mlm_only", "no_inter")
-TABLE4_ROWS = ABLATION_ROWS[:4]  # the DistilBERT paper's Table 4 rows; the fifth is the no-teacher baseline
-# no_inter (ours, not the paper's): the configured student without its intermediate matches
+# The DistilBERT paper's Table 4 (Sanh et al. 2019): one loss removed at a time, and random init; then ours.
+TABLE4_ROWS = ("triple", "no_ce", "no_cos", "no_mlm", "random_init")
+# no_inter: the configured student without its intermediate matches (distilbert.matches)
+OUR_ROWS = ("no_cos_no_mlm", "random_init_mlm_only", "layer_map_hf", "layer_map_even", "no_inter")
+ABLATION_ROWS = (*TABLE4_ROWS, *OUR_ROWS)
 
 
 class MatchConfig(Section):
@@ -44,9 +46,10 @@ class MatchConfig(Section):
 class DistilbertConfig(Section):
     num_layers: int | None = Field(None, ge=1, description="student layers; None = half the teacher's "
                                    "(or len(layer_map))")
-    layer_map: list[int] | None = Field(
-        None, description="teacher layer (1-based) each student layer is initialised from, increasing; "
-        "None = every second layer ending at the last: [2, 4, ..., L]")
+    layer_map: Literal["even", "hf"] | list[int] = Field(
+        "even", description="teacher layer (1-based) each student layer is initialised from, increasing; even = "
+        "every second layer ending at the last: [2, 4, ..., L]; hf = HF's DistilBERT map ([1, 3, 5, 8, 10, 12] "
+        "for 12 -> 6: first and last kept, models/distilbert.py)")
     init: Literal["teacher", "random"] = Field("teacher", description="teacher: embeddings, mapped layers and "
                                                "MLM head copied from the teacher; random: fresh weights")
     alpha_ce: float = Field(5.0, ge=0.0, description="weight of the soft-label KL loss (x T^2)")
@@ -59,6 +62,14 @@ class DistilbertConfig(Section):
     mode: Literal["cached", "online"] = Field(
         "cached", description="cached: the teacher's top-k and hidden states from the cache stage; online: "
         "the teacher runs in every step (full distribution; the baseline)")
+    ce_positions: Literal["masked", "all"] = Field(
+        "masked", description="where Lce is computed: masked = the masked positions (ours); all = every real "
+        "token (HF's distiller without --restrict_ce_to_mask; cached mode needs cache.positions: all)")
+    masking: Literal["fixed", "dynamic"] = Field(
+        "fixed", description="fixed: the pairs stage's masks (what the cache holds); dynamic: new masks for every "
+        "batch, frequency-smoothed as HF's distiller (mode: online only)")
+    mlm_smoothing: float = Field(0.7, ge=0.0, description="masking: dynamic picks a token with probability "
+                                 "proportional to its train-split count ** -mlm_smoothing (0 = uniform)")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None = the teacher's")
     hidden_size: int | None = Field(None, ge=8, description="student width; None = the teacher's. Another "
                                     "width needs init: random (the teacher's layers do not fit)")
@@ -71,12 +82,12 @@ class DistilbertConfig(Section):
     train: TrainingConfig = Field(default_factory=TrainingConfig)
     ablations: bool | list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
         False, description=f"also train ablation rows at the same step budget: true = the paper's Table 4 "
-        f"{list(TABLE4_ROWS)}, or a list of {list(ABLATION_ROWS)}")
+        f"{list(TABLE4_ROWS)}, or a list of {list(ABLATION_ROWS)} (the last {len(OUR_ROWS)} are ours)")
 
     @model_validator(mode="after")
     def _layer_map(self) -> DistilbertConfig:
         m = self.layer_map
-        if m is not None:
+        if isinstance(m, list):
             if not m or min(m) < 1 or any(b <= a for a, b in zip(m, m[1:], strict=False)):
                 raise ValueError(f"layer_map must be increasing teacher layer numbers from 1 (got {m}); "
                                  "e.g. [2, 4] for a 4-layer teacher")
@@ -114,7 +125,7 @@ def check_teacher_layers(cfg) -> None:
     d, t = cfg.distilbert, cfg.teacher
     if t.pretrained:
         return
-    if d.layer_map is not None and max(d.layer_map) > t.num_layers:
+    if isinstance(d.layer_map, list) and max(d.layer_map) > t.num_layers:
         raise ValueError(f"distilbert.layer_map {d.layer_map} names a layer above the teacher's {t.num_layers} "
                          f"(teacher.num_layers); use numbers from 1 to {t.num_layers}")
     if d.num_layers is not None and d.num_layers > t.num_layers:
@@ -157,6 +168,15 @@ def check_cache(cfg) -> None:
     d, c = cfg.distilbert, cfg.cache
     if d.mode != "cached":
         return
+    if d.masking == "dynamic":
+        raise ValueError("distilbert.masking is dynamic, which draws new masks in every step, but distilbert.mode is "
+                         "cached, whose teacher outputs are for the pairs stage's fixed masks: set distilbert.mode: "
+                         "online, or distilbert.masking: fixed")
+    if d.ce_positions == "all" and d.alpha_ce > 0 and c.positions != "all":
+        raise ValueError("distilbert.ce_positions is all, which needs the teacher's soft labels at every real token, "
+                         "but cache.positions is masked (the cache keeps them at the masked positions only): set "
+                         "cache.positions: all (about 1 / pairs.mask_prob times the soft labels), or "
+                         "distilbert.ce_positions: masked, or distilbert.mode: online")
     if "train" not in c.splits or "nsp" not in c.views:
         raise ValueError(f"distilbert.mode is cached, which reads the teacher's outputs for the train split of the "
                          f"nsp view, but cache.splits is {c.splits} and cache.views is {c.views}: include train "
@@ -165,7 +185,7 @@ def check_cache(cfg) -> None:
         raise ValueError("distilbert.alpha_cos > 0 in cached mode needs the teacher's hidden states, but "
                          "cache.hidden_positions is none: set it to masked (or all), or distilbert.alpha_cos: 0, "
                          "or distilbert.mode: online")
-    student_layers = len(d.layer_map) if d.layer_map else d.num_layers
+    student_layers = len(d.layer_map) if isinstance(d.layer_map, list) else d.num_layers
     if student_layers is None and not cfg.teacher.pretrained:
         student_layers = max(1, cfg.teacher.num_layers // 2)
     # one student layer maps to the teacher's last, which "last" holds; the stage checks a pretrained teacher

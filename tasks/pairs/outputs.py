@@ -259,13 +259,34 @@ class PairsSplit:
             rnd = np.asarray(a["next_sentence_label"][:take])[ex] == 1
             keep = pos < lengths[:, 0] + lengths[:, 1] if view == "nsp" else \
                 (pos < lengths[:, 0]) | ~rnd | (pos >= lengths[:, 0] + lengths[:, 1])
-            counts = np.bincount(ids[keep])
-            if len(counts) > len(total):
-                counts[:len(total)] += total
-                total = counts
-            else:
-                total[:len(counts)] += counts
+            total = _add_counts(total, np.bincount(ids[keep]))
         return total
+
+    def token_counts(self) -> np.ndarray:
+        """How often each token id occurs, unmasked (the labels put back), in the NSP view's A and B' segments
+        (special tokens not counted), read shard by shard (memory: one shard's tokens)."""
+        total = np.zeros(0, dtype=np.int64)
+        for a, take in self._shard_rows():
+            offsets = np.asarray(a["offsets"][:take + 1], dtype=np.int64)
+            tokens = np.asarray(a["tokens"][:offsets[-1]], dtype=np.int64)
+            ex_of_label = np.repeat(np.arange(take), np.diff(np.asarray(a["label_offsets"][:take + 1], dtype=np.int64)))
+            end = int(a["label_offsets"][take])
+            tokens[offsets[ex_of_label] + np.asarray(a["label_positions"][:end], dtype=np.int64)] = \
+                np.asarray(a["label_ids"][:end], dtype=np.int64)
+            lengths = np.asarray(a["lengths"][:take], dtype=np.int64)
+            run = np.repeat(np.arange(take), np.diff(offsets))
+            in_nsp = np.arange(len(tokens)) - offsets[run] < (lengths[:, 0] + lengths[:, 1])[run]
+            total = _add_counts(total, np.bincount(tokens[in_nsp]))
+        return total
+
+
+def _add_counts(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Two bincounts of different lengths, summed."""
+    if len(counts) > len(total):
+        counts[:len(total)] += total
+        return counts
+    total[:len(counts)] += counts
+    return total
 
 
 def _type_ids(len_first: int, len_second: int) -> np.ndarray:

@@ -36,7 +36,7 @@ def online_batch(n: int = 6, t: int = 12, seed: int = 0) -> dict[str, torch.Tens
 
 
 def narrow_run(matches) -> distilbert.StudentRun:
-    return distilbert.StudentRun("random", LossWeights(ce=1.0, mlm=1.0, cos=0.0), "last", "online", tuple(matches))
+    return distilbert.StudentRun("random", LossWeights(ce=1.0, mlm=1.0, cos=0.0), "last", "online", matches=tuple(matches))
 
 
 def test_narrow_student_learns_from_hidden_and_attention_matches():

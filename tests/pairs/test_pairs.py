@@ -291,3 +291,21 @@ def test_finished_shards_are_kept_when_the_stage_resumes(corpus, tmp_path):
         assert p.read_bytes() == data
         kept = p.parent != jobs[1].folder
         assert ((p.stat().st_ino, p.stat().st_mtime_ns) == (inode, mtime)) == kept
+
+
+def test_token_counts_are_the_nsp_views_tokens_with_the_masks_undone(tmp_path):
+    """PairsSplit.token_counts (dynamic masking's frequencies) against the rows themselves: the NSP view's
+    tokens with every label put back, [CLS] and [SEP] left out; a random B''s stored B is not counted."""
+    from helpers import write_pairs
+
+    cls_id, sep_id, mask_id, vocab = 2, 3, 4, 40
+    write_pairs(tmp_path / "train", 60, 0, vocab, cls_id, sep_id, mask_id)
+    ds = outputs.load_split(tmp_path, "train")
+    want = np.zeros(vocab, dtype=np.int64)
+    for i in range(len(ds)):
+        row = ds[i]
+        original = np.where(row["labels"] != IGNORE_INDEX, row["labels"], row["input_ids"])
+        np.add.at(want, original[(original != cls_id) & (original != sep_id)], 1)
+    got = ds.token_counts()
+    assert got[mask_id] == 0 and want.sum() > 0
+    assert np.array_equal(np.pad(got, (0, vocab - len(got))), want)
