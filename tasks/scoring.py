@@ -395,10 +395,11 @@ def most_frequent_label(ds, view: str = "nsp") -> int:
 
 
 def masked_lm_metrics(totals: PretrainingTotals, pair_task: str = "nsp", with_baseline: bool = False) -> dict[str, float]:
-    """The validation metrics the training stages log: val_mlm_accuracy / perplexity / loss, the pair
+    """The validation metrics the training stages log: val_mlm_accuracy / perplexity / loss and the
+    masked tokens they are over (val_mlm_tokens, for an interval), the pair
     head's val_<pair_task>_accuracy when the model has one, and the commonest-token baseline."""
     metrics = {"val_mlm_accuracy": totals.mlm_accuracy, "val_mlm_perplexity": totals.mlm_perplexity,
-               "val_mlm_loss": totals.mlm_loss}
+               "val_mlm_loss": totals.mlm_loss, "val_mlm_tokens": totals.masked}
     if totals.has_pair_head:
         metrics[f"val_{pair_task}_accuracy"] = totals.pair_accuracy
     if with_baseline:

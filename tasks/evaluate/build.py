@@ -430,6 +430,17 @@ def _score(mode: dict[str, Any] | None, metric: str) -> str:
     return f"{mode['test'][metric]:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def ablation_tables(ctx: StageContext) -> dict[str, str]:
+    """{stage: its ablations.md} for each upstream training stage that trained ablation rows (the same
+    table its MLflow run holds as nested runs)."""
+    out = {}
+    for stage in ctx.upstream:
+        path = ctx.upstream_dir(stage) / "ablations.md"
+        if path.is_file():
+            out[stage] = path.read_text(encoding="utf-8")
+    return out
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     p, m = report["protocol"], report["machine"]
     lat, d = p["latency"], p["downstream"]
@@ -533,6 +544,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [f"- Protocol fingerprint (registry tag lightbert.protocol): {p['fingerprint']}", ""]
     if report.get("deployment"):
         lines += variants.deployment_markdown(report["deployment"])
+    for stage, table in (report.get("ablations") or {}).items():
+        lines += [f"## Ablations of the {stage} stage", "", table.rstrip(), ""]
     for task in d["tasks"]:
         lines += [f"### {task}: every run", "", "| model | mode | seed | lr | best step | validation | test "
                   "| largest predicted-class share |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -772,6 +785,7 @@ def build_evaluate(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         "baselines": baselines,
         "models": entries,
         "deployment": deployment,
+        "ablations": ablation_tables(ctx),
     }
     atomic_write_json(ctx.out_dir / "report.json", report)
     atomic_write_text(ctx.out_dir / "report.md", report_markdown(report))
