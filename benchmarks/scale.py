@@ -52,9 +52,11 @@ def child(code: Path, stage: str, workdir: Path, overrides: list[str]) -> None:
     from tasks.config import load_config
     from tasks.stage import run_stage
 
-    try:
+    # Older commits kept the registry in flows/. Decided by the file, not by an ImportError: an editable
+    # install's finder would find this checkout's tasks/pipeline.py for a tree that has none.
+    if (code / "tasks" / "pipeline.py").is_file():
         from tasks.pipeline import SPECS
-    except ImportError:  # older commits kept the registry in flows/
+    else:
         from flows.stages import SPECS
     from tasks.stage import StageRecord, read_manifest
 

@@ -200,10 +200,14 @@ def _keyword_task(vocab: list[str], seed: int = 0, n: int = 1200, noise: float =
 
 
 def test_task_distilled_student_beats_a_random_init_student(task_stages, tmp_path):
-    """Same architecture, budget (4 epochs of 300 examples) and seed: the student initialised from the
-    teacher and trained on the fine-tuned teacher's soft labels scores clearly higher on clean test labels
-    than a randomly initialised one trained on the (30% noisy) hard labels. Measured while writing this
-    test, seeds 1-3: 0.735-0.800 against 0.507-0.603."""
+    """Same architecture, budget (8 epochs of 300 examples at 5e-4) and seeds: the student initialised from
+    the teacher and trained on the fine-tuned teacher's soft labels scores clearly higher on clean test
+    labels than a randomly initialised one trained on the (30% noisy) hard labels. Each is its best seed of
+    two by validation accuracy, as the evaluate stage selects. Single runs often collapse to one class at
+    this scale: measured (seeds 1, 2, 3; test accuracy, distilled against random init) 0.693 / 0.523,
+    0.895 / 0.528, 0.508 / 0.508 here; at 2e-3 for 4 epochs the distilled student collapsed on all three
+    (0.508, 0.508, 0.518) once the teacher's token type 0 was folded into its positions, and on one of
+    three before (0.853, 0.888, 0.508 against 0.603, 0.508, 0.508)."""
     from transformers import AutoTokenizer, DistilBertForMaskedLM
 
     cfg = task_stages["config"]
@@ -229,9 +233,14 @@ def test_task_distilled_student_beats_a_random_init_student(task_stages, tmp_pat
     DistilBertForMaskedLM(DistilBertForMaskedLM.from_pretrained(str(student_dir)).config).save_pretrained(random_dir)
     tok.save_pretrained(random_dir)
     student_data = finetune.tokenize_task(data, student_dir, 32, False)
-    distilled = finetune.fit(student_dir, student_data, info, settings(4.0), learning_rate=2e-3, seed=1, rt=rt,
-                             targets=targets, kd=cfg.evaluate.downstream.distill)
-    scratch = finetune.fit(random_dir, student_data, info, settings(4.0), learning_rate=2e-3, seed=1, rt=rt)
+
+    def best_of_two(model_dir, **kd):
+        runs = [finetune.fit(model_dir, student_data, info, settings(8.0), learning_rate=5e-4, seed=seed, rt=rt, **kd)
+                for seed in (1, 2)]
+        return max(runs, key=lambda r: r.validation["accuracy"])
+
+    distilled = best_of_two(student_dir, targets=targets, kd=cfg.evaluate.downstream.distill)
+    scratch = best_of_two(random_dir)
     assert teacher.test["accuracy"] > 0.65, teacher.test  # the teacher learned the rule through the noise
     assert distilled.test["accuracy"] > scratch.test["accuracy"] + 0.05, (distilled.test, scratch.test)
 
