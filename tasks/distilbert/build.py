@@ -598,7 +598,7 @@ def _with_interval(r: dict[str, Any]) -> str:
 def _difference(r: dict[str, Any], ref: dict[str, Any]) -> str:
     d = r["val_mlm_accuracy"] - ref["val_mlm_accuracy"]
     n, m = int(r.get("val_mlm_tokens", 0)), int(ref.get("val_mlm_tokens", 0))
-    if not (n and m) or r.get("row") == "student":
+    if not (n and m) or r.get("row") == "student" or r.get("same_as"):
         return f"{d:+.4f}"
     p, q = r["val_mlm_accuracy"], ref["val_mlm_accuracy"]
     half = 1.96 * (p * (1 - p) / n + q * (1 - q) / m) ** 0.5

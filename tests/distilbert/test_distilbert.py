@@ -41,7 +41,7 @@ from tasks.distilbert import build as distilbert
 from tasks.distilbert.config import ABLATION_ROWS
 from tasks.pairs.outputs import load_split
 from tasks.pipeline import SPECS, stages_until
-from tasks.stage import StageError, StageRecord, read_manifest, run_stage
+from tasks.stage import StageContext, StageError, StageRecord, read_manifest, run_stage
 from tasks.teacher.outputs import SavedTeacher, load_saved
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -556,7 +556,19 @@ def test_table4_ablations_train_each_row_at_the_same_budget(smoke_upstream, work
         assert json.loads((rec.dir / "ablations" / r / "training.json").read_text())["steps"] == 12
     table = (rec.dir / "ablations.md").read_text()
     assert "| without Lce | paper Table 4 |" in table and "| -2.96 |" in table
-    assert f"{by_row['no_mlm']['val_mlm_accuracy']:.4f}" in table
+    # each row's accuracy with its 95% Wilson interval over the masked validation tokens (scipy's own)
+    from scipy.stats import binomtest
+
+    row = by_row["no_mlm"]
+    n = int(row["val_mlm_tokens"])
+    assert n == int(load_split(smoke_upstream["pairs"].dir, "validation").label_counts("nsp").sum())
+    ci = binomtest(round(row["val_mlm_accuracy"] * n), n).proportion_ci(0.95, method="wilson")
+    assert f"{row['val_mlm_accuracy']:.4f} [{ci.low:.4f}, {ci.high:.4f}]" in table
+    # the evaluate stage's report carries the table of every upstream stage that has one
+    from tasks.evaluate.build import ablation_tables
+
+    ctx = StageContext("evaluate", workdir / "e", workdir / "s", {"distilbert": rec, **smoke_upstream}, cfg)
+    assert ablation_tables(ctx) == {"distilbert": table}
 
 
 def test_online_mode_with_dynamic_masks_and_lce_at_every_token(smoke_upstream, workdir):
