@@ -136,9 +136,9 @@ def _cli(*args: str) -> list[str]:
 
 def _slow_pairs_run(tmp_path: Path, text_corpus: Path) -> tuple[Path, list[str], dict[str, str]]:
     """(workdir, command, env) of a `lightbert run --until pairs` whose pairs stage lasts long enough to be
-    killed in the middle (60 copies of the tiny corpus)."""
+    killed in the middle (240 copies of the tiny corpus: with 60, the stage sometimes ended before a poll saw it)."""
     conf = tmp_path / "tiny.yaml"
-    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=60"))
+    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=240"))
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     workdir = tmp_path / "wd"
