@@ -136,9 +136,11 @@ def _cli(*args: str) -> list[str]:
 
 def _slow_pairs_run(tmp_path: Path, text_corpus: Path) -> tuple[Path, list[str], dict[str, str]]:
     """(workdir, command, env) of a `lightbert run --until pairs` whose pairs stage lasts long enough to be
-    killed in the middle (240 copies of the tiny corpus: with 60, the stage sometimes ended before a poll saw it)."""
+    killed in the middle: a shard per two documents, 1,500 copies each. Measured here: 60 copies in one shard
+    took 0.3 s and the stage sometimes ended before a poll saw its MLflow run; 600 copies in 23 shards 2.7 s."""
     conf = tmp_path / "tiny.yaml"
-    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=240"))
+    cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=1500",
+                                                           "pairs.chunk_documents=2"))
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     workdir = tmp_path / "wd"
