@@ -52,7 +52,7 @@ def build_corpus(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
         raw = _read_sources(sources, ctx.scratch_dir, run_fp)
         cleaned = _clean_documents(raw, cfg, ctx)
     labels = [src.label for src in sources]
-    sel = select_documents(cleaned, labels, c, ctx.scratch_dir, COLUMNS, _piece_writer(ctx.scratch_dir),
+    sel = select_documents(cleaned, len(raw), labels, c, ctx.scratch_dir, COLUMNS, _piece_writer(ctx.scratch_dir),
                            lambda it, desc: ctx.progress(it, desc, total=len(cleaned), unit="shard"))
     per_source = sel.per_source
     for src in sources:
@@ -144,11 +144,6 @@ def _clean_documents(raw: Dataset, cfg: PipelineConfig, ctx: StageContext) -> li
     jobs = clean_jobs([f["filename"] for f in raw.cache_files], len(raw), c.shard_documents, folder)
     ctx.map_shards(run_clean_shard, jobs, CleanRecipe(c.language, c.min_sentence_chars), "cleaning documents")
     return [job.out_file for job in jobs]
-
-
-def is_validation(doc_id: str, fraction: float) -> bool:
-    """The split depends on the document alone, so it is stable when sources are added or removed."""
-    return int(doc_id[:8], 16) / 2**32 < fraction
 
 
 def _piece_writer(scratch: Path):

@@ -54,8 +54,13 @@ def id_keys(ids: list[str]) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(i[:32] for i in ids)), dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """The split depends on the document alone, so it is stable when sources are added or removed."""
+    return int(doc_id[:8], 16) / 2**32 < fraction
+
+
 def validation_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
-    """tasks.corpus.build.is_validation for many documents: the id's first 32 bits over 2^32 < fraction."""
+    """is_validation for many documents at once, from their id_keys: the first 32 bits over 2^32 < fraction."""
     return (keys[:, 0] >> np.uint64(32)).astype(np.float64) / 2 ** 32 < fraction
 
 
@@ -98,12 +103,11 @@ def first_rows(shards: list[Path], min_sentences: int, scratch: Path, n_rows: in
     return first
 
 
-def select_documents(shards: list[Path], labels: list[str], cfg_corpus, scratch: Path, columns: list[str],
-                     write_piece, progress) -> Selection:
-    """Passes 1-3 over the cleaned shards (in reading order). `write_piece(table, split, k) -> Path` writes
-    one shard's kept rows of a split; `progress(iterable, desc)` wraps each pass."""
+def select_documents(shards: list[Path], n_rows: int, labels: list[str], cfg_corpus, scratch: Path,
+                     columns: list[str], write_piece, progress) -> Selection:
+    """Passes 1-3 over the cleaned shards (in reading order, n_rows rows in all). `write_piece(table, split,
+    k) -> Path` writes one shard's kept rows of a split; `progress(iterable, desc)` wraps each pass."""
     c = cfg_corpus
-    n_rows = sum(_table(p).num_rows for p in shards)
     sel = Selection(per_source={label: dict.fromkeys(STAT_NAMES, 0) for label in labels})
     first = first_rows(shards, c.min_document_sentences, scratch, n_rows, progress) if c.dedupe else None
     label_set = pa.array(labels, type=pa.string())

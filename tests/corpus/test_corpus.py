@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from tasks.corpus.build import is_validation
+from tasks.corpus.select import is_validation
 from tasks.pipeline import SPECS
 from tasks.stage import StageError, run_stage
 from tasks.text import decode_utf8, normalize_paragraphs, process_document, split_sentences
