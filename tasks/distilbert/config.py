@@ -82,7 +82,8 @@ class DistilbertConfig(Section):
     train: TrainingConfig = Field(default_factory=TrainingConfig)
     ablations: bool | list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
         False, description=f"also train ablation rows at the same step budget: true = the paper's Table 4 "
-        f"{list(TABLE4_ROWS)}, or a list of {list(ABLATION_ROWS)} (the last {len(OUR_ROWS)} are ours)")
+        f"{list(TABLE4_ROWS)}, or a list of {list(ABLATION_ROWS)} (the last {len(OUR_ROWS)} are ours); every row "
+        "but no_inter is the paper's objective and leaves distilbert.matches out")
 
     @model_validator(mode="after")
     def _layer_map(self) -> DistilbertConfig:

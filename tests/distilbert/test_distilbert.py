@@ -32,6 +32,7 @@ from models.distilbert import (
     parameter_map,
     resolve_layer_map,
 )
+from models.intermediate import Match
 from models.losses import LossWeights
 from tasks import engine
 from tasks.artifacts import hash_tree, sha256_json
@@ -631,3 +632,17 @@ def test_the_cache_feeds_the_student_through_dataloader_workers(smoke_upstream, 
     b = AutoModelForMaskedLM.from_pretrained(workers.dir / "model").state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_ablation_rows_are_the_papers_objective_without_the_configured_matches():
+    """With intermediate matches configured, the paper's rows leave them out (the paper has none): the
+    triple row is trained apart from the registered student, so the two are the matches on/off comparison,
+    and no_inter, the configured student without its matches, is that same triple row, not trained twice."""
+    matches = (Match(2, 1, "hidden", "mse", 1.0), Match(4, 2, "attention", "mse", 0.1))
+    requested = distilbert.StudentRun("teacher", LossWeights(), "last", "cached", matches=matches, layer_map=(2, 4))
+    saved = SavedTeacher(Path("teacher"), "pretrained", True, None)
+    plan = {r.name: r for r in distilbert.plan_ablations(list(ABLATION_ROWS), requested, requested, saved, 4)}
+    assert all(r.run.matches == () for n, r in plan.items() if r.run is not None)
+    assert plan["triple"].same_as is None and plan["triple"].run == replace(requested, matches=())
+    assert plan["no_inter"].same_as == "triple" and "its result is reused" in plan["no_inter"].notes[-1]
+    assert plan["layer_map_even"].same_as == "triple"  # the configured map, without the matches
