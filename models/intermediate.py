@@ -23,7 +23,8 @@ Features:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,33 @@ def attention_scores(hidden: torch.Tensor, query: nn.Linear, key: nn.Linear, num
     q = query(hidden).view(b, t, num_heads, d).transpose(1, 2)
     k = key(hidden).view(b, t, num_heads, d).transpose(1, 2)
     return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+
+
+def bert_attention_scores(backbone: nn.Module, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+    """Attention scores of BERT layer `layer` (1-based) of a BertModel from its input, hidden_states[layer - 1]."""
+    attn = backbone.encoder.layer[layer - 1].attention.self
+    return attention_scores(hidden_states[layer - 1], attn.query, attn.key, backbone.config.num_attention_heads)
+
+
+@contextmanager
+def first_layers(backbone: nn.Module, n: int) -> Iterator[None]:
+    """Run a BertModel through its first n layers only (what attention maps of layers <= n need): its
+    last_hidden_state is then layer n's output and hidden_states has n + 1 entries. Not thread-safe."""
+    layers = backbone.encoder.layer
+    backbone.encoder.layer = layers[:n]
+    try:
+        yield
+    finally:
+        backbone.encoder.layer = layers
+
+
+def real_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """(B, heads, T, T) scores -> per example its (heads, n, n) block between its n real tokens."""
+    out = []
+    for j in range(scores.shape[0]):
+        real = attention_mask[j].bool().nonzero().squeeze(1)
+        out.append(scores[j].index_select(1, real).index_select(2, real))
+    return out
 
 
 def attention_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, attention_mask: torch.Tensor,

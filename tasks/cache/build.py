@@ -32,8 +32,10 @@ import torch
 from transformers import BertConfig, BertForPreTraining, BertModel
 
 from models.distilbert import resolve_layer_map
+from models.intermediate import bert_attention_scores, real_token_scores
 from tasks import engine
 from tasks.artifacts import atomic_write_json, matches_record, read_json_or_empty
+from tasks.cache.config import requested_attention_layers
 from tasks.cache.outputs import (
     CACHE_MANIFEST,
     FORMAT,
@@ -42,6 +44,7 @@ from tasks.cache.outputs import (
     LOGRATIO_STEPS_PER_NAT,
     ExampleOutputs,
     PartSize,
+    attention_name,
     bytes_per_hidden_position,
     bytes_per_position,
     estimate_cache_bytes,
@@ -63,6 +66,7 @@ from tasks.teacher.outputs import load_saved
 
 PROGRESS = "cache_progress.json"
 COUNTED = ("examples", "tokens", "positions", "hidden_positions")  # per shard, summed per split/view
+ATTENTION_PART = ("train", "nsp")  # the split and view whose attention maps are cached: what DistilBERT reads
 HEAD_CHUNK = 8192  # positions per MLM-head call: bounds the (positions x vocabulary) float32 logits
 
 
@@ -77,6 +81,10 @@ class ShardPlan:
     @property
     def file(self) -> str:
         return shard_relpath(self.split, self.view, self.index)
+
+    @property
+    def has_attention(self) -> bool:
+        return (self.split, self.view) == ATTENTION_PART
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,11 +112,32 @@ def resolve_layers(setting: str | list[int], num_layers: int, cfg: PipelineConfi
 def part_size(ds: PairsSplit, view: str, positions: str, hidden_positions: str, examples_per_shard: int,
               soft_labels: bool = True) -> PartSize:
     """The counts the size estimate needs; positions / hidden_positions: masked | all | none."""
-    tokens = int(np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64).sum()) if len(ds) else 0
+    lengths = np.asarray(ds[LENGTH_COLUMN[view]], dtype=np.int64) if len(ds) else np.zeros(0, np.int64)
+    tokens = int(lengths.sum())
     soft_at = positions if soft_labels else "none"
     masked = int(ds.label_counts(view).sum()) if "masked" in (soft_at, hidden_positions) else 0
     stored = {"masked": masked, "all": tokens, "none": 0}
-    return PartSize(len(ds), tokens, stored[soft_at], stored[hidden_positions], math.ceil(len(ds) / examples_per_shard))
+    return PartSize(len(ds), tokens, stored[soft_at], stored[hidden_positions], math.ceil(len(ds) / examples_per_shard),
+                    int((lengths * lengths).sum()))
+
+
+def resolve_attention_layers(cfg: PipelineConfig, tconf: BertConfig) -> list[int]:
+    """cache.attention_layers as teacher layers (auto: distilbert.matches' attention layers in cached mode),
+    checked against the teacher; none when the cache holds no train split of the nsp view."""
+    layers = requested_attention_layers(cfg)
+    bad = [layer for layer in layers if not 1 <= layer <= tconf.num_hidden_layers]
+    if bad:
+        source = "distilbert.matches (through cache.attention_layers: auto)" if cfg.cache.attention_layers == "auto" \
+            else f"cache.attention_layers {cfg.cache.attention_layers}"
+        raise StageError(f"{source} names teacher layer(s) {bad} for attention maps, but the teacher has "
+                         f"{tconf.num_hidden_layers} layers: use layers 1 to {tconf.num_hidden_layers}")
+    if layers and (ATTENTION_PART[0] not in cfg.cache.splits or ATTENTION_PART[1] not in cfg.cache.views):
+        if cfg.cache.attention_layers != "auto":
+            raise StageError(f"cache.attention_layers {layers} keeps attention maps for the train split's nsp view, "
+                             f"but cache.splits is {cfg.cache.splits} and cache.views {cfg.cache.views}: include "
+                             "train and nsp, or set cache.attention_layers: auto")
+        return []
+    return layers
 
 
 def _gb(n: float) -> str:
@@ -116,7 +145,7 @@ def _gb(n: float) -> str:
 
 
 def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: dict[str, PartSize],
-                        tconf: BertConfig, layers: list[int]) -> str:
+                        tconf: BertConfig, layers: list[int], attention: list[int] = ()) -> str:
     cc = cfg.cache
     h, vocab, max_len = tconf.hidden_size, tconf.vocab_size, tconf.max_position_embeddings
     hidden_at = sum(p.hidden_positions for p in parts.values())
@@ -130,6 +159,9 @@ def over_budget_message(cfg: PipelineConfig, estimate: dict[str, int], parts: di
         f"({h} int8 + 2 scale) + 2 position)",
         f"  soft labels:   {_gb(estimate['soft_labels'])} = {positions:,} positions ({cc.positions}) x "
         f"{bytes_per_position(cc.top_k, vocab, max_len)} bytes (top_k {cc.top_k} ids + log-ratio codes)",
+        *([f"  attention maps: {_gb(estimate['attention'])} = layers {attention} x {tconf.num_attention_heads} "
+           "heads x n^2 float16 per train example (cache.attention_layers; [] computes them in the student's step)"]
+          if attention else []),
         f"  offsets and headers: {_gb(estimate['index'])}",
         "  by split/view: " + ", ".join(f"{name} {p.examples:,} examples, {p.tokens:,} tokens"
                                         for name, p in parts.items()),
@@ -211,9 +243,10 @@ def keep_finished_shards(ctx: StageContext, plan: list[ShardPlan]) -> dict[str, 
 @torch.inference_mode()
 def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torch.Tensor], view: str,
                     layers: list[int], top_k: int, positions: str, hidden_positions: str,
-                    rt: engine.Runtime) -> list[ExampleOutputs]:
+                    rt: engine.Runtime, attention_layers: tuple[int, ...] = ()) -> list[ExampleOutputs]:
     """The cached quantities of every example of a padded batch (in batch order), quantised; top_k = 0:
-    hidden states only (a teacher without an MLM head)."""
+    hidden states only (a teacher without an MLM head); attention_layers: those layers' scores between
+    the real tokens, float16."""
     ids, types, attention, labels = (batch[c].to(rt.device) for c in VIEW_COLUMNS[view][:4])
     backbone = model.bert if hasattr(model, "bert") else model
     with rt.autocast():
@@ -251,9 +284,17 @@ def teacher_outputs(model: BertForPreTraining | BertModel, batch: dict[str, torc
     hidden_pos = split_rows(hidden_where, hidden_where.nonzero()[:, 1].to(torch.int32))
     hidden_np = {layer: split_rows(hidden_where, h) for layer, h in hidden.items()}
     scales_np = {layer: split_rows(hidden_where, s) for layer, s in scales.items()}
+    maps: dict[int, list[np.ndarray]] = {}
+    for layer in attention_layers:
+        scores = bert_attention_scores(backbone, out.hidden_states, layer).to(torch.float16)
+        if not torch.isfinite(scores).all():
+            raise StageError(f"teacher layer {layer} has attention scores too large for float16 (|s| > 65504); "
+                             "drop it from cache.attention_layers (set []), which computes them in the student's step")
+        maps[layer] = [m.reshape(-1).cpu().numpy() for m in real_token_scores(scores, attention)]
     return [ExampleOutputs(pos[j], ids_np[j], codes[j], mass[j], hidden_pos[j],
                            {layer: hidden_np[layer][j] for layer in layers},
-                           {layer: scales_np[layer][j] for layer in layers})
+                           {layer: scales_np[layer][j] for layer in layers},
+                           {layer: maps[layer][j] for layer in attention_layers})
             for j in range(len(pos))]
 
 
@@ -274,6 +315,10 @@ class CacheRecipe:
     hidden_positions: str
     batch_tokens: int
     precision: str
+    attention_layers: tuple[int, ...] = ()  # cached for the ATTENTION_PART shards only
+
+    def attention_for(self, shard: ShardPlan) -> tuple[int, ...]:
+        return self.attention_layers if shard.has_attention else ()
 
 
 def view_collators(tconf: BertConfig, views, rt: engine.Runtime) -> dict[str, engine.PadCollator]:
@@ -285,11 +330,13 @@ def view_collators(tconf: BertConfig, views, rt: engine.Runtime) -> dict[str, en
 
 def finish_shard(shard: ShardPlan, slots: list, recipe: CacheRecipe, tconf: BertConfig) -> tuple[dict, dict]:
     """Pack and write one shard's outputs: (its file record {sha256, size}, its counts)."""
+    attention = recipe.attention_for(shard)
     tensors = pack_shard(shard.start, slots, list(recipe.layers), tconf.vocab_size, tconf.max_position_embeddings,
-                         tconf.hidden_size)
+                         tconf.hidden_size, attention)
     meta = {"split": shard.split, "view": shard.view, "first_example": str(shard.start),
             "top_k": str(recipe.top_k), "positions": recipe.positions, "hidden_positions": recipe.hidden_positions,
-            "layers": ",".join(map(str, recipe.layers))}
+            "layers": ",".join(map(str, recipe.layers)), **({"attention_layers": ",".join(map(str, attention))}
+                                                             if attention else {})}
     record = write_shard(recipe.out_dir / shard.file, tensors, meta)
     return record, {"examples": len(slots), "positions": len(tensors["positions"]),
                     "hidden_positions": len(tensors["hidden_positions"]),
@@ -327,7 +374,7 @@ def run_cache_shard(job: CacheJob, recipe: CacheRecipe) -> tuple[dict, dict]:
     for idx in token_budget_batches(job.lengths, recipe.batch_tokens):
         batch = collate(columns[(idx + shard.start).tolist()])
         outs = teacher_outputs(model, batch, shard.view, list(recipe.layers), recipe.top_k, recipe.positions,
-                               recipe.hidden_positions, rt)
+                               recipe.hidden_positions, rt, recipe.attention_for(shard))
         for j, o in zip(idx.tolist(), outs, strict=True):
             slots[j] = o
     record, counts = finish_shard(shard, slots, recipe, tconf)
@@ -351,10 +398,19 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     parts = {f"{split}/{view}": part_size(data[split], view, cc.positions, cc.hidden_positions,
                                           cc.examples_per_shard, soft)
              for split in cc.splits for view in cc.views}
-    estimate = estimate_cache_bytes(parts, top_k, tconf.vocab_size, tconf.max_position_embeddings,
-                                    tconf.hidden_size, len(layers))
+    attention = resolve_attention_layers(cfg, tconf)
+    estimate = cache_estimate(parts, top_k, tconf, layers, attention)
+    attention_online = None  # why the requested attention maps are not cached (auto, over the budget)
+    if attention and cc.attention_layers == "auto" and estimate["total"] > cc.max_bytes:
+        without = cache_estimate(parts, top_k, tconf, layers, [])
+        if without["total"] <= cc.max_bytes:
+            attention_online = (f"the attention maps of teacher layers {attention} would take "
+                                f"{_gb(estimate['attention'])}, which with the rest ({_gb(without['total'])}) is over "
+                                f"cache.max_bytes ({_gb(cc.max_bytes)}): the DistilBERT stage computes them with the "
+                                "teacher in its step")
+            attention, estimate = [], without
     if estimate["total"] > cc.max_bytes:
-        raise StageError(over_budget_message(cfg, estimate, parts, tconf, layers))
+        raise StageError(over_budget_message(cfg, estimate, parts, tconf, layers, attention))
 
     plan = [s for split in cc.splits for view in cc.views
             for s in plan_shards(split, view, len(data[split]), cc.examples_per_shard)]
@@ -366,7 +422,7 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
     stats = {rel: {**shard_stats(ctx.out_dir / rel), "tokens": tokens[rel]} for rel in finished}
 
     recipe = CacheRecipe(ctx.upstream_dir("teacher"), pairs_dir, ctx.out_dir, tuple(cc.views), tuple(layers), top_k,
-                         cc.positions, cc.hidden_positions, cc.batch_tokens, cc.precision)
+                         cc.positions, cc.hidden_positions, cc.batch_tokens, cc.precision, tuple(attention))
     compute_s, computed_tokens, device, precision = 0.0, 0, None, None
     if todo and ctx.shard_map is not None:  # e.g. Prefect tasks on a Dask cluster: each worker loads the teacher once
         t0 = time.perf_counter()
@@ -404,7 +460,8 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             shard = todo[k]
             if not slots:
                 slots = [None] * (shard.stop - shard.start)
-            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, cc.hidden_positions, rt)
+            outs = teacher_outputs(model, batch, shard.view, layers, top_k, cc.positions, cc.hidden_positions, rt,
+                                   recipe.attention_for(shard))
             for j, o in zip((rows - shard.start).tolist(), outs, strict=True):
                 slots[j] = o
             if not last:
@@ -419,7 +476,8 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
             ctx.log_metrics({"cache_shards_done": done, "cache_tokens_per_s": computed_tokens / max(compute_s, 1e-9)},
                             done)
 
-    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate, top_k)
+    manifest = cache_manifest(cfg, ctx, plan, finished, stats, layers, tconf, estimate, top_k, attention,
+                              attention_online)
     atomic_write_json(ctx.out_dir / CACHE_MANIFEST, manifest)
     (ctx.out_dir / PROGRESS).unlink(missing_ok=True)  # cache_manifest.json now records every shard
 
@@ -443,14 +501,23 @@ def build_cache(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                  "hidden_positions": cc.hidden_positions, "has_soft_labels": soft,
                  "soft_labels": f"top-{top_k} at the {cc.positions} positions" if soft
                  else f"none: the teacher has no MLM head (teacher.mlm_head: {saved.mlm_head}); hidden states only",
+                 "attention_layers": attention,
+                 **({"attention_online": attention_online} if attention_online else {}),
                  "estimate": estimate, "device": device, "precision": precision,
                  "kept_from": {rel: m["kept_from"] for rel, m in finished.items() if "kept_from" in m}},
     )
 
 
+def cache_estimate(parts: dict[str, PartSize], top_k: int, tconf: BertConfig, layers: list[int],
+                   attention: list[int]) -> dict[str, int]:
+    return estimate_cache_bytes(parts, top_k, tconf.vocab_size, tconf.max_position_embeddings, tconf.hidden_size,
+                                len(layers), tconf.num_attention_heads, len(attention), "/".join(ATTENTION_PART))
+
+
 def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan], files: dict[str, dict],
                    stats: dict[str, dict], layers: list[int], tconf: BertConfig,
-                   estimate: dict[str, int], top_k: int) -> dict[str, Any]:
+                   estimate: dict[str, int], top_k: int, attention: list[int] = (),
+                   attention_online: str | None = None) -> dict[str, Any]:
     cc = cfg.cache
     splits: dict[str, dict[str, Any]] = {}
     for s in plan:
@@ -472,6 +539,10 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
     for layer in layers:
         tensors[hidden_name(layer)] = ("int8", ["hidden_positions", h])
         tensors[scale_name(layer)] = ("float16", ["hidden_positions"])
+    if attention:  # in the ATTENTION_PART shards only
+        tensors["attention_offsets"] = ("int64", ["examples + 1"])
+        for layer in attention:
+            tensors[attention_name(layer)] = ("float16", ["sum of heads x n^2 over the examples"])
     tensors = {name: {"dtype": dtype, "shape": shape} for name, (dtype, shape) in tensors.items()}
     n_tokens = sum(st["tokens"] for st in stats.values())
     n_positions = sum(st["positions"] for st in stats.values())
@@ -487,6 +558,10 @@ def cache_manifest(cfg: PipelineConfig, ctx: StageContext, plan: list[ShardPlan]
         f"temperature 1) in uint8 steps of 1/{LOGRATIO_STEPS_PER_NAT} nat" if k
         else "none: the teacher has no MLM head (hidden states only)",
         "hidden_states": "int8 rows with a float16 absmax scale per row" if layers else "none",
+        "attention": {"split": ATTENTION_PART[0], "view": ATTENTION_PART[1], "layers": list(attention),
+                      "heads": tconf.num_attention_heads,
+                      "format": "float16 scores q.k/sqrt(d) between the real tokens, (heads, n, n) per example",
+                      **({"online": attention_online} if attention_online else {})},
         "examples_per_shard": cc.examples_per_shard,
         "tensors": tensors,
         "splits": splits,

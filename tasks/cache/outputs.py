@@ -22,6 +22,20 @@ offsets; for the shard's n examples, m soft-label positions and q hidden-state p
                                        positions, one tensor per cached layer ...
     hidden_<l>_scale  float16 (q,)     ... and its per-row scale: the vector is hidden_<l> * scale
 
+and, in the train split's nsp view only, when attention maps are cached (cache.attention_layers; the
+manifest's `attention` says which layers), for an example of n real tokens (heads, n, n) scores each:
+
+    attention_offsets int64   (n+1,)   example j's scores are attention_<l>[attention_offsets[j]:...[j+1]]
+    attention_<l>     float16 (s,)     teacher layer l's scores q.k/sqrt(d) between the real tokens, every
+                                       head, row-major (head, query, key), flattened; one per cached layer
+
+Attention scores are float16 (relative error 2^-11, 0.05%; they are unnormalised, so a softmax over them
+for `attention: probs` is computed in the student's step). They cost heads x n^2 x 2 bytes per example and
+layer, quadratic in the length (12 heads at 128 tokens: 393 KB per example and layer, 3 KB per token against
+146 for the rest of a bert-base cache), so `auto` keeps them only when the whole cache fits cache.max_bytes
+and otherwise the DistilBERT stage computes them with the teacher in its step, through the deepest matched
+layer only (tasks/distilbert/build.py).
+
 Ids are int32 when the vocabulary has more than 65,536 tokens, positions int32 when the teacher takes
 sequences longer than 65,536 tokens (max_position_embeddings); uint16 otherwise.
 Soft-label positions: the masked ones (labels != -100), or every real token with cache.positions=all.
@@ -97,6 +111,7 @@ batches it like the plain pairs.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -127,6 +142,10 @@ def hidden_name(layer: int) -> str:
     return f"hidden_{layer}"
 
 
+def attention_name(layer: int) -> str:
+    return f"attention_{layer}"
+
+
 def scale_name(layer: int) -> str:
     return f"hidden_{layer}_scale"
 
@@ -153,8 +172,14 @@ def bytes_per_hidden_position(hidden_size: int, n_layers: int, max_positions: in
     return index_dtype(max_positions).itemsize + n_layers * (hidden_size + 2) if n_layers else 0
 
 
-def shard_overhead_bytes(n_layers: int) -> int:
-    return HEADER_BYTES_FIXED + HEADER_BYTES_PER_TENSOR * (8 + 2 * n_layers) + 2 * 8  # + two offsets' n+1
+def shard_overhead_bytes(n_layers: int, n_attention: int = 0) -> int:
+    tensors = 8 + 2 * n_layers + (1 + n_attention if n_attention else 0)
+    return HEADER_BYTES_FIXED + HEADER_BYTES_PER_TENSOR * tensors + 2 * 8  # + two offsets' n+1
+
+
+def attention_bytes(squared_lengths: int, heads: int, n_layers: int) -> int:
+    """Bytes of the cached attention maps: float16 (heads, n, n) per example and layer, and the offsets."""
+    return 2 * heads * squared_lengths * n_layers if n_layers else 0
 
 
 @dataclass
@@ -166,17 +191,26 @@ class PartSize:
     positions: int  # soft-label positions
     hidden_positions: int
     shards: int
+    squared_lengths: int = 0  # sum of n^2 over the examples (the attention maps' size), where they are cached
 
 
 def estimate_cache_bytes(parts: dict[str, PartSize], top_k: int, vocab_size: int, max_positions: int,
-                         hidden_size: int, n_layers: int) -> dict[str, int]:
-    """Bytes the shards will take, by part (hidden states, soft labels, offsets and headers)."""
+                         hidden_size: int, n_layers: int, heads: int = 0, n_attention: int = 0,
+                         attention_part: str = "train/nsp") -> dict[str, int]:
+    """Bytes the shards will take, by part (hidden states, soft labels, attention maps of n_attention layers
+    in attention_part, offsets and headers)."""
     hidden = sum(p.hidden_positions for p in parts.values()) * bytes_per_hidden_position(
         hidden_size, n_layers, max_positions)
     soft = sum(p.positions for p in parts.values()) * bytes_per_position(top_k, vocab_size, max_positions)
-    index = sum(p.examples * 8 * len(OFFSET_TENSORS) + p.shards * shard_overhead_bytes(n_layers)
-                for p in parts.values())
-    return {"hidden_states": hidden, "soft_labels": soft, "index": index, "total": hidden + soft + index}
+    attention = attention_bytes(parts[attention_part].squared_lengths, heads, n_attention) \
+        if n_attention and attention_part in parts else 0
+    index = 0
+    for name, p in parts.items():
+        n_att = n_attention if name == attention_part else 0
+        index += (p.examples * 8 * (len(OFFSET_TENSORS) + (1 if n_att else 0))
+                  + p.shards * shard_overhead_bytes(n_layers, n_att))
+    return {"hidden_states": hidden, "soft_labels": soft, "attention": attention, "index": index,
+            "total": hidden + soft + attention + index}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,10 +260,11 @@ class ExampleOutputs:
     hidden_positions: np.ndarray  # (q,)
     hidden: dict[int, np.ndarray]  # layer -> (q, H) int8
     hidden_scale: dict[int, np.ndarray]  # layer -> (q,) float16
+    attention: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (heads * n * n,) float16
 
 
 def pack_shard(first_example: int, examples: Sequence[ExampleOutputs], layers: Sequence[int], vocab_size: int,
-               max_positions: int, hidden_size: int) -> dict[str, np.ndarray]:
+               max_positions: int, hidden_size: int, attention_layers: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Flatten a shard's examples (in example order) into the tensors listed in the module docstring."""
     n = len(examples)
     k = examples[0].topk_ids.shape[1] if n else 0
@@ -255,6 +290,11 @@ def pack_shard(first_example: int, examples: Sequence[ExampleOutputs], layers: S
     for layer in layers:
         tensors[hidden_name(layer)] = cat([e.hidden[layer] for e in examples], np.int8, (hidden_size,))
         tensors[scale_name(layer)] = cat([e.hidden_scale[layer] for e in examples], np.float16, ())
+    if attention_layers:
+        first = attention_layers[0]
+        tensors["attention_offsets"] = offsets([len(e.attention[first]) for e in examples])
+        for layer in attention_layers:
+            tensors[attention_name(layer)] = cat([e.attention[layer] for e in examples], np.float16, ())
     return tensors
 
 
@@ -324,6 +364,7 @@ class _OpenShard:
     first: int
     pos_offsets: np.ndarray
     hidden_offsets: np.ndarray
+    attention_offsets: np.ndarray | None = None
 
 
 class CachedPairs:
@@ -332,10 +373,12 @@ class CachedPairs:
     ds[i] -> a row dict; ds[indices] -> columns (lists), as datasets.Dataset; ds["length"] -> a column.
     Rows hold the view's pairs columns plus teacher_positions (p,), teacher_topk_ids (p, k),
     teacher_topk_probs (p, k) float32 (T=1, decoded from the codes), teacher_topk_mass (p,),
-    teacher_hidden_positions (q,) and teacher_hidden_<l> (q, H) float32 (dequantised) per cached layer.
+    teacher_hidden_positions (q,) and teacher_hidden_<l> (q, H) float32 (dequantised) per cached layer, and
+    teacher_attention_<l> (heads, n, n) float16 per cached attention layer (of those in `attention`).
     """
 
-    def __init__(self, cache_dir: Path, pairs, split: str, view: str = "nsp", max_open_shards: int = 16):
+    def __init__(self, cache_dir: Path, pairs, split: str, view: str = "nsp", max_open_shards: int = 16,
+                 attention: Sequence[int] | None = None):
         self.cache_dir = Path(cache_dir)
         self.manifest = read_cache_manifest(self.cache_dir)
         entry = self.manifest["splits"].get(split, {}).get(view)
@@ -355,6 +398,13 @@ class CachedPairs:
         self.top_k: int = self.manifest["top_k"]
         # False for a teacher without an MLM head: the soft-label columns are then empty (k = 0)
         self.has_soft_labels: bool = bool(self.manifest.get("has_soft_labels", True))
+        wanted, attention = attention, self.manifest.get("attention") or {}
+        here = (attention.get("split"), attention.get("view")) == (split, view)
+        # teacher layers whose attention scores this part holds (the train split's nsp view at most)
+        cached = list(attention.get("layers", [])) if here else []
+        # the ones read: `attention` of them (None = every cached one); others are not read at all
+        self.attention_layers: list[int] = cached if wanted is None else [a for a in cached if a in wanted]
+        self.attention_heads: int = int(attention.get("heads", 0))
         self.shards: list[dict[str, Any]] = entry["shards"]
         self._starts = np.array([s["first_example"] for s in self.shards], dtype=np.int64)
         self.max_open_shards = max_open_shards
@@ -386,7 +436,8 @@ class CachedPairs:
         meta = self.shards[index]
         handle = safe_open(str(self.cache_dir / meta["file"]), framework="numpy")
         shard = _OpenShard(handle, meta["first_example"], handle.get_tensor("pos_offsets"),
-                           handle.get_tensor("hidden_offsets"))
+                           handle.get_tensor("hidden_offsets"),
+                           handle.get_tensor("attention_offsets") if self.attention_layers else None)
         self._open[index] = shard
         self.opened_shards.add(index)
         while len(self._open) > self.max_open_shards:
@@ -412,12 +463,22 @@ class CachedPairs:
         for layer in self.layers:
             out[f"teacher_{hidden_name(layer)}"] = dequantise_hidden(_rows(f, hidden_name(layer), h0, h1),
                                                                     _rows(f, scale_name(layer), h0, h1))
+        if self.attention_layers:
+            a0, a1 = int(shard.attention_offsets[j]), int(shard.attention_offsets[j + 1])
+            n = math.isqrt((a1 - a0) // max(self.attention_heads, 1))
+            for layer in self.attention_layers:
+                out[f"teacher_{attention_name(layer)}"] = _rows(f, attention_name(layer), a0, a1).reshape(
+                    self.attention_heads, n, n)
         return out
 
     def _row(self, i: int) -> dict[str, Any]:
         row = dict(self.pairs[i])
         row.update(self.teacher_outputs(i))
         length = len(row[self.columns[0]])
+        if self.attention_layers and row[f"teacher_{attention_name(self.attention_layers[0])}"].shape[-1] != length:
+            raise ValueError(f"example {i}: the cache has attention maps over "
+                             f"{row[f'teacher_{attention_name(self.attention_layers[0])}'].shape[-1]} tokens but the "
+                             f"pairs row has {length}; the cache was built from other pairs")
         for name in ("teacher_positions", "teacher_hidden_positions"):
             if len(row[name]) and int(row[name][-1]) >= length:
                 raise ValueError(f"example {i}: the cache has a position {int(row[name][-1])} past the pairs row's "
@@ -437,12 +498,14 @@ class CachedPairs:
 
     def collator(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> CachedPairsCollator:
         """The collator for this loader's view and layers."""
-        return CachedPairsCollator(pad_token_id, self.view, tuple(self.layers), pad_to_multiple_of)
+        return CachedPairsCollator(pad_token_id, self.view, tuple(self.layers), pad_to_multiple_of,
+                                   tuple(self.attention_layers))
 
     @property
     def teacher_columns(self) -> list[str]:
         return ["teacher_positions", "teacher_topk_ids", "teacher_topk_probs", "teacher_topk_mass",
-                "teacher_hidden_positions", *(f"teacher_{hidden_name(layer)}" for layer in self.layers)]
+                "teacher_hidden_positions", *(f"teacher_{hidden_name(layer)}" for layer in self.layers),
+                *(f"teacher_{attention_name(layer)}" for layer in self.attention_layers)]
 
 
 def _position_mask(b: int, t: int, positions: list) -> torch.Tensor:
@@ -468,12 +531,15 @@ class CachedPairsCollator:
       teacher_topk_ids       (P, k) int64, teacher_topk_probs (P, k) float32, teacher_topk_mass (P,)
       teacher_hidden_mask    (B, T) bool, True where hidden states are stored (cache.hidden_positions)
       teacher_hidden_<l>     (Q, H) float32
+      teacher_attention_<l>  (B, heads, T, T) float32, the scores between real tokens (0 elsewhere), for
+                             each cached attention layer
     """
 
     pad_token_id: int
     view: str = "nsp"
     layers: tuple[int, ...] = ()
     pad_to_multiple_of: int = 1
+    attention_layers: tuple[int, ...] = ()
     _pad: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -491,4 +557,12 @@ class CachedPairsCollator:
         for layer in self.layers:
             name = f"teacher_{hidden_name(layer)}"
             batch[name] = _cat(rows[name], np.float32)
+        for layer in self.attention_layers:
+            name = f"teacher_{attention_name(layer)}"
+            maps = rows[name]
+            padded = torch.zeros(b, maps[0].shape[0] if maps else 0, t, t)
+            for i, m in enumerate(maps):  # a pairs row is its real tokens: the padding follows them
+                n = m.shape[-1]
+                padded[i, :, :n, :n] = torch.from_numpy(np.asarray(m, dtype=np.float32))
+            batch[name] = padded
         return batch

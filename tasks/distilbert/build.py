@@ -18,7 +18,9 @@ resumes at its last checkpoint, and are dropped once a run is finished.
 Ablations: `lightbert run --until distilbert --set distilbert.ablations=true`.
 
 Intermediate matches (distilbert.matches, models/intermediate.py; TinyBERT / TextBrewer): extra terms on
-hidden states (cached or online, at the same tokens as Lcos) and attention maps (online teacher only),
+hidden states (cached or online, at the same tokens as Lcos) and attention maps (cached where they fit the
+cache budget, cache.attention_layers; else the teacher computes them in the step, through the deepest
+matched layer only),
 each logged as its own train_<feature>_s<l>_t<l>_loss. A narrower student (distilbert.hidden_size,
 num_heads, intermediate_size) starts from random weights; its hidden matches learn projections into the
 teacher's width, which are checkpointed with the student but not saved with it (the row's
@@ -50,7 +52,9 @@ from models.intermediate import (
     Match,
     StudentWithProjections,
     attention_scores,
+    bert_attention_scores,
     check_matches,
+    first_layers,
     hidden_projections,
     intermediate_terms,
     weighted_sum,
@@ -59,7 +63,14 @@ from models.losses import LossWeights, cosine_loss, gather_support, mlm_loss, so
 from models.losses import combine as combine_terms
 from tasks import engine, scoring
 from tasks.artifacts import atomic_write_json, atomic_write_text
-from tasks.cache.outputs import IGNORE_INDEX, CachedPairs, hidden_name, read_cache_manifest, soft_targets
+from tasks.cache.outputs import (
+    IGNORE_INDEX,
+    CachedPairs,
+    attention_name,
+    hidden_name,
+    read_cache_manifest,
+    soft_targets,
+)
 from tasks.config import PipelineConfig
 from tasks.distilbert import STAGE
 from tasks.distilbert.config import TABLE4_ROWS, shape_problem
@@ -190,25 +201,32 @@ def online_teacher(teacher, batch: dict[str, torch.Tensor], layers: list[int], p
             "attention": scores}
 
 
-def bert_attention_scores(backbone, hidden_states, layer: int) -> torch.Tensor:
-    """Attention scores of BERT layer `layer` (1-based) from its input, hidden_states[layer - 1]."""
-    attn = backbone.encoder.layer[layer - 1].attention.self
-    return attention_scores(hidden_states[layer - 1], attn.query, attn.key, backbone.config.num_attention_heads)
-
-
 def distilbert_attention_scores(student: DistilBertForMaskedLM, hidden_states, layer: int) -> torch.Tensor:
     """Attention scores of student layer `layer` (1-based) from its input, hidden_states[layer - 1]."""
     attn = student.distilbert.transformer.layer[layer - 1].attention
     return attention_scores(hidden_states[layer - 1], attn.q_lin, attn.k_lin, student.config.n_heads)
 
 
-def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float) -> dict[str, Any]:
+def cached_teacher(batch: dict[str, torch.Tensor], layers: list[int], temperature: float,
+                   attention_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     """The same from a CachedPairsCollator batch: top-k soft labels softened over their support, hidden
-    rows where the cache keeps them."""
+    rows where the cache keeps them, and the cached attention scores of attention_layers."""
     return {"where": batch["teacher_position_mask"], "ids": batch["teacher_topk_ids"],
             "probs": soft_targets(batch["teacher_topk_probs"], temperature),
             "hidden_where": batch["teacher_hidden_mask"],
-            "hidden": {layer: batch[f"teacher_{hidden_name(layer)}"] for layer in layers}}
+            "hidden": {layer: batch[f"teacher_{hidden_name(layer)}"] for layer in layers},
+            "attention": {layer: batch[f"teacher_{attention_name(layer)}"] for layer in attention_layers}}
+
+
+@torch.no_grad()
+def teacher_attention(teacher, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
+    """The attention scores of teacher `layers` for a batch, from a forward through the deepest of them
+    only (the cached mode's fallback when the cache holds no attention maps: cache.attention_layers)."""
+    backbone = teacher.bert if hasattr(teacher, "bert") else teacher
+    with first_layers(backbone, max(layers)):
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       token_type_ids=batch["token_type_ids"], output_hidden_states=True, return_dict=True)
+    return {layer: bert_attention_scores(backbone, out.hidden_states, layer) for layer in layers}
 
 
 def position_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
@@ -231,16 +249,23 @@ def restrict_to_masked(sig: dict[str, Any], batch: dict[str, torch.Tensor]) -> d
 
 
 def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: str = "masked", teacher=None,
-                 hidden_positions: str = "masked", masker: DynamicMasker | None = None):
+                 hidden_positions: str = "masked", masker: DynamicMasker | None = None,
+                 cached_attention: tuple[int, ...] = ()):
     """The engine's loss_fn(student, batch) -> (loss, {term: value}). cos_pairs: (student layer,
     teacher layer), 1-based (0 = embeddings); the student's logits are computed only at the loss positions;
     positions / hidden_positions: the cache's (cache.positions, cache.hidden_positions; Lcos uses the hidden
-    ones online too); Lce is at run.ce_positions. masker: re-masks every batch first (masking: dynamic)."""
+    ones online too); Lce is at run.ce_positions. masker: re-masks every batch first (masking: dynamic).
+    cached_attention: in cached mode, the attention layers the batches bring from the cache; the teacher
+    (which must then be given) computes the others in the step."""
     w = run.weights
     teacher_layers = [t for _, t in cos_pairs] if w.cos > 0 else []
     teacher_layers = sorted({*teacher_layers, *(m.teacher_layer for m in run.matches if m.feature == "hidden")})
     attention_layers = tuple(sorted({m.teacher_layer for m in run.matches if m.feature == "attention"}))
     all_layers = w.cos > 0 and len(cos_pairs) > 1
+    from_cache = tuple(a for a in attention_layers if a in cached_attention)
+    in_step = [a for a in attention_layers if a not in cached_attention]
+    if run.mode == "cached" and in_step and teacher is None:
+        raise ValueError(f"attention layers {in_step} are not in the cache: the loss needs the teacher for them")
     if run.mode == "cached" and w.ce > 0 and run.ce_positions == "all" and positions != "all":
         raise StageError("distilbert.ce_positions is all but the cache holds soft labels at the masked positions "
                          "only: set cache.positions: all, or distilbert.ce_positions: masked, or distilbert.mode: online")
@@ -258,7 +283,9 @@ def make_loss_fn(run: StudentRun, cos_pairs: list[tuple[int, int]], positions: s
             sig = online_teacher(teacher, batch, teacher_layers, run.ce_positions, hidden_positions, w.temperature,
                                  attention_layers)
         elif run.needs_teacher:
-            sig = cached_teacher(batch, teacher_layers, w.temperature)
+            sig = cached_teacher(batch, teacher_layers, w.temperature, from_cache)
+            if in_step:
+                sig["attention"].update(teacher_attention(teacher, batch, in_step))
             if w.ce > 0 and run.ce_positions == "masked" and positions == "all":
                 sig = restrict_to_masked(sig, batch)
         # the soft labels' positions when Lce is on; else the masked ones (all Lmlm needs)
@@ -333,11 +360,16 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
     rt = engine.setup_runtime(d.train.precision)
     multiple = 8 if rt.device.type == "cuda" else 1
     teacher = None
+    cached_attention: tuple[int, ...] = ()
     if run.needs_teacher and run.mode == "cached":
+        attention = sorted({m.teacher_layer for m in run.matches if m.feature == "attention"})
         data = cached_train_data(inp, sorted({*([t for _, t in pairs] if run.weights.cos > 0 else []),
                                               *(m.teacher_layer for m in run.matches if m.feature == "hidden")}),
-                                 run.weights.ce > 0)
+                                 run.weights.ce > 0, attention)
         collate = data.collator(inp.pad_id, multiple)
+        cached_attention = tuple(data.attention_layers)
+        if set(attention) - set(cached_attention):  # not cached (over the budget): the teacher computes them
+            teacher = inp.teacher.to(rt.device)
     else:
         data = inp.pairs_train
         columns = TEACHER_INPUTS if run.needs_teacher else STUDENT_INPUTS
@@ -359,7 +391,7 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         ctx.log_metrics({f"{metrics_prefix}{k}": v for k, v in metrics.items()}, step)
 
     loss_fn = make_loss_fn(run, pairs, inp.positions, teacher, inp.hidden_positions,
-                           inp.masker if run.masking == "dynamic" else None)
+                           inp.masker if run.masking == "dynamic" else None, cached_attention)
 
     def evaluate(m, rt):
         m = m.student if isinstance(m, StudentWithProjections) else m
@@ -377,14 +409,21 @@ def train_student(cfg: PipelineConfig, ctx: StageContext, run: StudentRun, inp: 
         "resumed_from_step": result.resumed_from_step, "device": str(rt.device), "precision": rt.precision,
         "cos_pairs": pairs, **engine.rounded(result.final_losses), **engine.rounded(result.eval_metrics),
     }
+    wanted = sorted({m.teacher_layer for m in run.matches if m.feature == "attention"})
+    if wanted:
+        in_step = [a for a in wanted if a not in cached_attention]
+        parts = ([f"cache: teacher layers {list(cached_attention)}"] if cached_attention else []) + (
+            [f"teacher layers {in_step} by the teacher in every step (not in the cache)"] if in_step else [])
+        summary["attention_from"] = "online: the teacher in every step" if run.mode == "online" else "; ".join(parts)
     if isinstance(model, StudentWithProjections):  # trained, then left out of the saved student
         summary["projection_parameters"] = sum(p.numel() for p in model.projections.parameters())
     return student.cpu(), summary
 
 
-def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = False) -> CachedPairs:
+def cached_train_data(inp: Inputs, layers: list[int], with_soft_labels: bool = False,
+                      attention: list[int] = ()) -> CachedPairs:
     try:
-        data = CachedPairs(inp.cache_dir, inp.pairs_train, "train", "nsp")
+        data = CachedPairs(inp.cache_dir, inp.pairs_train, "train", "nsp", attention=attention)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise StageError(f"the teacher cache cannot feed the student: {exc}") from exc
     if with_soft_labels and not data.has_soft_labels:
@@ -479,6 +518,7 @@ def build_distilbert(cfg: PipelineConfig, ctx: StageContext) -> StageReport:
                            else f"cache: hidden layers {cache_manifest['layers']} only (no soft labels)")
         if main.mode == "cached" else "online: the teacher in every step"
         + (" (its full distribution)" if saved.has_mlm_head else " (hidden states only)"),
+        **({"attention_from": summary["attention_from"]} if "attention_from" in summary else {}),
         "resumed_from_step": summary.get("resumed_from_step"), "device": summary.get("device"),
         "precision": summary.get("precision"), "examples_train": len(inp.pairs_train),
     }
@@ -510,9 +550,6 @@ def check_student_shape(cfg: PipelineConfig, tconf: BertConfig, n_student: int) 
         check_matches(d.match_list(), n_student, tconf.num_hidden_layers, sconf.n_heads, tconf.num_attention_heads)
     except ValueError as exc:
         raise StageError(str(exc)) from exc
-    if d.mode == "cached" and any(m.feature == "attention" for m in d.matches):
-        raise StageError("distilbert.matches has attention matches, which need the teacher in the step (attention "
-                         "maps are too big to cache): set distilbert.mode: online")
 
 
 def save_student(student: DistilBertForMaskedLM, tok, model_dir: Path) -> None:

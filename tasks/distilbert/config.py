@@ -23,7 +23,8 @@ class MatchConfig(Section):
     student_layer: int = Field(ge=0, description="1-based student layer (0 = embeddings, hidden only)")
     feature: Literal["hidden", "attention"] = Field(
         "hidden", description="hidden: the layer's output states at the cache's hidden positions (cached or "
-        "online); attention: its attention maps of every head (online teacher only: too big to cache)")
+        "online); attention: its attention maps of every head (from the cache where cache.attention_layers "
+        "keeps them, else by the teacher in the step)")
     loss: Literal["mse", "cos"] = Field("mse", description="hidden: mse (TinyBERT) or cos (1 - cosine); "
                                         "attention: mse only")
     weight: float = Field(1.0, ge=0.0, description="weight of this term in the student's loss")
@@ -190,11 +191,6 @@ def check_cache(cfg) -> None:
     if student_layers is None and not cfg.teacher.pretrained:
         student_layers = max(1, cfg.teacher.num_layers // 2)
     # one student layer maps to the teacher's last, which "last" holds; the stage checks a pretrained teacher
-    attention = [m for m in d.matches if m.feature == "attention"]
-    if attention:
-        raise ValueError(f"distilbert.matches has attention matches (student layers "
-                         f"{[m.student_layer for m in attention]}), whose teacher maps are computed by the teacher "
-                         "in the step (too big to cache): set distilbert.mode: online, or drop the attention matches")
     hidden = sorted({m.teacher_layer for m in d.matches if m.feature == "hidden"})
     if hidden and c.hidden_positions == "none":
         raise ValueError("distilbert.matches has hidden matches, which read the teacher's hidden states from the "

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,120 @@ def test_loader_opens_only_the_shards_it_needs_and_feeds_the_engine(make_config,
     assert result.steps == 3 and np.isfinite(result.final_losses["train_kd"])
 
 
+def reference_scores(model, ids: torch.Tensor, types: torch.Tensor, layer: int) -> np.ndarray:
+    """(heads, n, n) attention scores q.k / sqrt(d) of teacher layer `layer` for one unpadded example, in
+    float64 from the layer's own weights (written here, not taken from lightbert)."""
+    with torch.no_grad():
+        out = model.bert(input_ids=ids, token_type_ids=types, output_hidden_states=True)
+        x = out.hidden_states[layer - 1][0].double()
+        attn = model.bert.encoder.layer[layer - 1].attention.self
+        heads = model.config.num_attention_heads
+        d = x.shape[-1] // heads
+        q = (x @ attn.query.weight.double().T + attn.query.bias.double()).view(-1, heads, d).transpose(0, 1)
+        k = (x @ attn.key.weight.double().T + attn.key.bias.double()).view(-1, heads, d).transpose(0, 1)
+        return (q @ k.transpose(1, 2) / d ** 0.5).numpy()
+
+
+def test_attention_maps_are_cached_for_the_train_nsp_view(make_config, workdir, upstream):
+    """cache.attention_layers keeps each listed teacher layer's scores between the real tokens (float16) for
+    the train split's nsp view; they equal a float64 reference, the estimate holds, and a batch pads them."""
+    cfg = make_config(*SMALL, "cache.attention_layers=[1, 2]", "cache.views=[nsp, sop]")
+    rec = run_stage(SPECS["cache"], cfg, workdir, upstream)
+    manifest = json.loads((rec.dir / CACHE_MANIFEST).read_text())
+    assert manifest["attention"]["layers"] == [1, 2] and manifest["attention"]["heads"] == 2
+    assert (manifest["attention"]["split"], manifest["attention"]["view"]) == ("train", "nsp")
+    counts = rec.manifest["counts"]
+    assert abs(counts["bytes"] - counts["estimated_bytes"]) / counts["bytes"] < 0.02
+    pairs = load_split(upstream["pairs"].dir, "train")
+    lengths = np.asarray(pairs["length"], dtype=np.int64)
+    assert rec.manifest["details"]["estimate"]["attention"] == 2 * 2 * 2 * int((lengths ** 2).sum())
+    assert CachedPairs(rec.dir, pairs, "train", "sop").attention_layers == []  # other parts hold none
+    assert CachedPairs(rec.dir, load_split(upstream["pairs"].dir, "validation"), "validation").attention_layers == []
+
+    loader = CachedPairs(rec.dir, pairs, "train", "nsp")
+    model = fresh_teacher(upstream)
+    chosen = padded_examples(lengths, 256, 16, 3) + [int(np.argmin(lengths))]  # padded in their inference batch
+    for i in chosen:
+        row = loader[i]
+        ids, types = (torch.tensor(np.asarray(pairs[i][c]))[None] for c in ("input_ids", "token_type_ids"))
+        for layer in (1, 2):
+            stored, exact = row[f"teacher_attention_{layer}"], reference_scores(model, ids, types, layer)
+            assert stored.dtype == np.float16 and stored.shape == (2, lengths[i], lengths[i])
+            assert np.abs(stored - exact).max() <= np.abs(exact).max() * 2 ** -11 + 1e-4  # fp16 rounding
+    only_two = CachedPairs(rec.dir, pairs, "train", "nsp", attention=[2])
+    assert only_two.attention_layers == [2] and "teacher_attention_1" not in only_two[0]
+
+    batch = loader.collator(PAD)(loader[chosen])
+    t = batch["input_ids"].shape[1]
+    for j, i in enumerate(chosen):
+        maps = batch["teacher_attention_2"][j]
+        n = int(lengths[i])
+        assert maps.shape == (2, t, t) and torch.equal(maps[:, :n, :n], torch.from_numpy(
+            loader[i]["teacher_attention_2"].astype(np.float32)))
+        assert not maps[:, n:].any() and not maps[:, :, n:].any()  # zero at the padding
+
+
+def test_attention_maps_over_the_budget(make_config, workdir, upstream, tmp_path):
+    """auto keeps the attention maps of distilbert.matches only when the cache with them fits cache.max_bytes
+    (else the student's step computes them, and the stage says why); an explicit list over the budget is
+    refused with the maps' share in the message."""
+    match = "distilbert.matches=[{teacher_layer: 2, student_layer: 1, feature: attention}]"
+    plain = run_stage(SPECS["cache"], make_config(*SMALL), workdir, upstream).manifest["counts"]["estimated_bytes"]
+    auto = make_config(*SMALL, match)
+    assert cache.resolve_attention_layers(auto, fresh_teacher(upstream).config) == [2]
+    assert cache.resolve_attention_layers(make_config(*SMALL, match, "distilbert.mode=online"),
+                                          fresh_teacher(upstream).config) == []  # online needs no cache
+
+    budget = f"cache.max_bytes={plain + 100}"  # room for the rest, not for the maps
+    rec = run_stage(SPECS["cache"], make_config(*SMALL, match, budget), tmp_path / "w1", upstream)
+    manifest = json.loads((rec.dir / CACHE_MANIFEST).read_text())
+    assert manifest["attention"]["layers"] == [] and "with the teacher in its step" in manifest["attention"]["online"]
+    assert "attention_online" in rec.manifest["details"]
+    rec = run_stage(SPECS["cache"], make_config(*SMALL, match), tmp_path / "w2", upstream)
+    assert json.loads((rec.dir / CACHE_MANIFEST).read_text())["attention"]["layers"] == [2]
+
+    with pytest.raises(StageError, match="attention maps: ") as err:
+        run_stage(SPECS["cache"], make_config(*SMALL, "cache.attention_layers=[2]", budget), tmp_path / "w3", upstream)
+    assert "cache.attention_layers" in str(err.value)
+    with pytest.raises(StageError, match="teacher has 2 layers"):
+        # the configuration knows another teacher than the upstream one (as with a pretrained teacher)
+        run_stage(SPECS["cache"], make_config(*SMALL, "cache.attention_layers=[3]", "teacher.num_layers=4"),
+                  tmp_path / "w4", upstream)
+
+
+def test_cached_attention_gives_the_loss_the_online_teacher_gives(make_config, workdir, upstream):
+    """The student's attention term from cached maps equals the one from the teacher in the step, in cached
+    mode without maps in the cache and in online mode, within the float16 rounding of the scores."""
+    from models.distilbert import build_student
+    from models.intermediate import Match
+    from models.losses import LossWeights
+    from tasks.distilbert import build as distilbert
+
+    rec = run_stage(SPECS["cache"], make_config(*SMALL, "cache.attention_layers=[2]"), workdir, upstream)
+    pairs = load_split(upstream["pairs"].dir, "train")
+    loader = CachedPairs(rec.dir, pairs, "train", "nsp")
+    batch = loader.collator(PAD)(loader[list(range(12))])
+    teacher = fresh_teacher(upstream)
+    torch.manual_seed(3)
+    student = build_student(teacher.config, 2, 0.0).eval()
+    terms = {}
+    for mode, name in (("cached", "cached"), ("cached", "in the step"), ("online", "online")):
+        for target in ("scores", "probs"):
+            run = distilbert.StudentRun("random", LossWeights(1.0, 1.0, 0.0), "last", mode,
+                                        matches=(Match(2, 1, "attention", "mse", 1.0, target),))
+            cached = (2,) if name == "cached" else ()
+            loss_fn = distilbert.make_loss_fn(run, [(2, LAYERS)], teacher=teacher, cached_attention=cached)
+            with torch.no_grad():
+                _, out = loss_fn(student, batch)
+            terms[name, target] = out["attention_s1_t2_loss"].item()
+    for target in ("scores", "probs"):
+        assert terms["cached", target] > 0
+        assert terms["cached", target] == pytest.approx(terms["in the step", target], rel=2e-3)
+        assert terms["online", target] == pytest.approx(terms["in the step", target], rel=1e-6)
+    with pytest.raises(ValueError, match="needs the teacher"):  # maps neither cached nor computable
+        distilbert.make_loss_fn(replace(run, mode="cached"), [(2, LAYERS)], cached_attention=())
+
+
 def test_cache_config_is_checked(make_config):
     with pytest.raises(ConfigError, match="cache.hidden_layers"):
         make_config("cache.hidden_layers=[-1]")
@@ -320,6 +435,10 @@ def test_cache_config_is_checked(make_config):
     with pytest.raises(ConfigError, match="cache.views"):
         make_config("cache.views=[mlm]")
     assert make_config("cache.hidden_layers=[2,0]").cache.hidden_layers == [0, 2]
+    with pytest.raises(ConfigError, match="cache.attention_layers"):
+        make_config("cache.attention_layers=[0]")
+    with pytest.raises(ConfigError, match="above the teacher"):
+        make_config("cache.attention_layers=[9]")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ teacher, the configuration refuses what cannot work, and the stage trains and lo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig
@@ -131,7 +133,6 @@ def config(*overrides: str):
 @pytest.mark.parametrize(("overrides", "words"), [
     (["distilbert.hidden_size=32", "distilbert.num_heads=2"], "distilbert.init: random"),
     (["distilbert.hidden_size=32", "distilbert.num_heads=2", "distilbert.init=random"], "distilbert.alpha_cos: 0"),
-    (["distilbert.matches=[{teacher_layer: 2, student_layer: 1, feature: attention}]"], "distilbert.mode: online"),
     (["distilbert.matches=[{teacher_layer: 1, student_layer: 1}]"], r"cache.hidden_layers: \[1, 2\]"),
     (["distilbert.matches=[{teacher_layer: 3, student_layer: 1}]"], "teacher_layer must be 0..2"),
     (["distilbert.mode=online", "distilbert.num_heads=4", "distilbert.init=random",
@@ -163,6 +164,32 @@ def test_stage_trains_a_narrow_student_with_matches_and_the_no_inter_row(smoke_s
     assert "teacher init needs" in details["ablations_skipped"]["triple"]
     saved = AutoModelForMaskedLM.from_pretrained(rec.dir / "model")
     assert saved.config.dim == 32 and counts["parameters"] == sum(p.numel() for p in saved.parameters())
+
+
+def test_cached_mode_attention_match_without_maps_in_the_cache_uses_the_teacher_in_the_step(smoke_stages, workdir):
+    """The smoke cache holds no attention maps (it was built without attention matches): the stage computes
+    them with the teacher in the step, beside the cached soft labels and hidden states, and says so."""
+    up = {n: smoke_stages["records"][n] for n in SPECS["distilbert"].upstream}
+    assert json.loads((up["cache"].dir / "cache_manifest.json").read_text())["attention"]["layers"] == []
+    cfg = config("distilbert.train.max_steps=4",
+                 "distilbert.matches=[{teacher_layer: 2, student_layer: 1, feature: attention, weight: 0.1}]")
+    rec = run_stage(SPECS["distilbert"], cfg, workdir, up)
+    counts, details = rec.manifest["counts"], rec.manifest["details"]
+    assert counts["train_attention_s1_t2_loss"] > 0 and counts["train_ce_loss"] > 0
+    assert details["attention_from"] == "teacher layers [2] by the teacher in every step (not in the cache)"
+
+
+def test_attention_matches_choose_the_cache_key_only_where_the_cache_serves_them():
+    """cache.attention_layers: auto follows distilbert.matches' attention layers in cached mode only, and a
+    cache built without them keeps its key (so earlier caches stay valid)."""
+    from tasks.cache.config import cache_key
+
+    match = "distilbert.matches=[{teacher_layer: 2, student_layer: 1, feature: attention}]"
+    plain = cache_key(config())
+    assert "attention_layers" not in plain["cache"] and "attention_layers" not in plain
+    assert cache_key(config(match))["attention_layers"] == [2]
+    assert cache_key(config(match, "distilbert.mode=online")) == plain
+    assert cache_key(config("cache.attention_layers=[1]"))["cache"]["attention_layers"] == [1]
 
 
 def test_cached_hidden_match_reads_the_cache(smoke_stages, workdir):
