@@ -627,6 +627,12 @@ def train_ablations(cfg: PipelineConfig, ctx: StageContext, main: StudentRun, ma
     return rows, skipped
 
 
+def _matches_cell(matches: list[dict[str, Any]]) -> str:
+    """'none', or each match as `hidden mse t4->s2 x1` (teacher layer -> student layer, weight)."""
+    return ", ".join(f"{m['feature']} {m['loss'] if m['feature'] == 'hidden' else m['attention']} "
+                     f"t{m['teacher_layer']}->s{m['student_layer']} x{m['weight']:g}" for m in matches) or "none"
+
+
 def _with_interval(r: dict[str, Any]) -> str:
     n = int(r.get("val_mlm_tokens", 0))
     if not n:
@@ -655,18 +661,19 @@ def ablation_table(rows: list[dict[str, Any]], main: dict[str, Any], steps: int,
              "with a 95% interval that treats the two rows' errors as independent (conservative: every row is "
              "scored on the same tokens). Paper: Sanh et al. 2019, Table 4, change in GLUE macro-score (points) "
              "to the triple loss; rows marked ours are not in the paper.", "",
-             "| row | source | init | layer map | a_ce | a_mlm | a_cos | val MLM accuracy | difference | "
-             "paper: GLUE difference | val perplexity | note |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| row | source | init | layer map | a_ce | a_mlm | a_cos | intermediate matches | val MLM accuracy | "
+             "difference | paper: GLUE difference | val perplexity | note |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in [{"row": "student", "title": "configured student (registered)", "source": "", **main}, *rows]:
         paper = f"{r['paper_glue_delta']:+.2f}" if "paper_glue_delta" in r else ""
         layer_map = ", ".join(str(x) for x in r.get("layer_map", []))
         lines.append(f"| {r['title']} | {r['source']} | {r['init']} | {layer_map} | {r['alpha_ce']:g} | "
-                     f"{r['alpha_mlm']:g} | {r['alpha_cos']:g} | {_with_interval(r)} | "
+                     f"{r['alpha_mlm']:g} | {r['alpha_cos']:g} | {_matches_cell(r.get('matches', []))} | "
+                     f"{_with_interval(r)} | "
                      f"{_difference(r, main)} | {paper} | {r['val_mlm_perplexity']:.1f} | "
                      f"{r.get('note', '')} |")
     for name, why in (skipped or {}).items():
         paper = f"{PAPER_TABLE4_DELTA[name]:+.2f}" if name in PAPER_TABLE4_DELTA else ""
-        lines.append(f"| {ROW_TITLES[name]} | {'paper Table 4' if name in TABLE4_ROWS else 'ours'} | | | | | | "
+        lines.append(f"| {ROW_TITLES[name]} | {'paper Table 4' if name in TABLE4_ROWS else 'ours'} | | | | | | | "
                      f"not trained | | {paper} | | {why} |")
     return "\n".join(lines) + "\n"

@@ -557,6 +557,7 @@ def test_table4_ablations_train_each_row_at_the_same_budget(smoke_upstream, work
         assert json.loads((rec.dir / "ablations" / r / "training.json").read_text())["steps"] == 12
     table = (rec.dir / "ablations.md").read_text()
     assert "| without Lce | paper Table 4 |" in table and "| -2.96 |" in table
+    assert table.count("| none |") == 6  # no intermediate matches in any row
     # each row's accuracy with its 95% Wilson interval over the masked validation tokens (scipy's own)
     from scipy.stats import binomtest
 
@@ -646,3 +647,7 @@ def test_ablation_rows_are_the_papers_objective_without_the_configured_matches()
     assert plan["triple"].same_as is None and plan["triple"].run == replace(requested, matches=())
     assert plan["no_inter"].same_as == "triple" and "its result is reused" in plan["no_inter"].notes[-1]
     assert plan["layer_map_even"].same_as == "triple"  # the configured map, without the matches
+    main = {**requested.describe(), "val_mlm_accuracy": 0.5, "val_mlm_perplexity": 9.0}
+    table = distilbert.ablation_table([{"row": "triple", "title": "triple", "source": "paper Table 4", **main,
+                                        "matches": []}], main, 10)
+    assert "| hidden mse t2->s1 x1, attention scores t4->s2 x0.1 |" in table and "| none |" in table
