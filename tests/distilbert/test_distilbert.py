@@ -647,7 +647,12 @@ def test_ablation_rows_are_the_papers_objective_without_the_configured_matches()
     assert plan["triple"].same_as is None and plan["triple"].run == replace(requested, matches=())
     assert plan["no_inter"].same_as == "triple" and "its result is reused" in plan["no_inter"].notes[-1]
     assert plan["layer_map_even"].same_as == "triple"  # the configured map, without the matches
-    main = {**requested.describe(), "val_mlm_accuracy": 0.5, "val_mlm_perplexity": 9.0}
-    table = distilbert.ablation_table([{"row": "triple", "title": "triple", "source": "paper Table 4", **main,
-                                        "matches": []}], main, 10)
+    main = {**requested.describe(), "val_mlm_accuracy": 0.5, "val_mlm_perplexity": 9.0, "val_mlm_tokens": 1000}
+    triple = {"row": "triple", "title": "triple", "source": "paper Table 4", **main, "matches": [],
+              "val_mlm_accuracy": 0.45}
+    table = distilbert.ablation_table([triple], main, 10)
     assert "| hidden mse t2->s1 x1, attention scores t4->s2 x0.1 |" in table and "| none |" in table
+    # differences are to the triple row: the registered student's is the matches on/off comparison
+    half = 1.96 * (0.5 * 0.5 / 1000 + 0.45 * 0.55 / 1000) ** 0.5
+    assert f"| +0.0500 [{0.05 - half:+.4f}, {0.05 + half:+.4f}] |" in table
+    assert "| +0.0000 (reference) |" in table and "the difference is to the triple row" in table
