@@ -15,6 +15,20 @@ def test_every_preset_validates(preset):
     assert cfg.pairs.max_seq_len <= cfg.teacher.max_position_embeddings
 
 
+def test_the_methods_run_configuration_asks_for_every_row_the_readme_reports():
+    """benchmarks/methods.yaml (the README's one run with every ablation row) still validates over the cpu
+    preset and asks for the paper's rows, the layer map, matches on/off and the three ALBERT variants."""
+    from pathlib import Path
+
+    from tasks.distilbert.config import TABLE4_ROWS
+
+    cfg, _ = load_config("cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "methods.yaml")
+    rows = cfg.distilbert.ablation_rows()
+    assert set(TABLE4_ROWS) <= set(rows) and {"layer_map_hf", "no_inter"} <= set(rows)
+    assert {m.feature for m in cfg.distilbert.matches} == {"hidden", "attention"} and cfg.distilbert.mode == "cached"
+    assert cfg.albert.variants == ["scratch", "distilled", "teacher"]
+
+
 def test_gpu_preset_teacher_has_bert_base_shape():
     cfg, _ = load_config("gpu")
     t = cfg.teacher
