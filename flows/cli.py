@@ -34,6 +34,10 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The stages' progress lines (logging, logger "tasks.*") go to the Prefect run's log and the console.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    # A run without PREFECT_API_URL starts a temporary Prefect server and gives up when it does not answer
+    # within 20 s (Prefect's default). A 2-core machine measured 15 s when idle and sometimes more under
+    # load, which made a run fail before its first stage: wait up to 2 minutes.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
 

@@ -151,17 +151,16 @@ def _slow_pairs_run(tmp_path: Path, text_corpus: Path) -> tuple[Path, list[str],
 @pytest.mark.slow
 def test_cli_resumes_after_kill_9_without_redoing_finished_stages(tmp_path, text_corpus):
     workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "killed-run.log"
+    proc = _start_logged(cmd, env, log)
     deadline = time.monotonic() + 240
     try:
         while not list((workdir / ".partial").glob("pairs-*")):
-            assert proc.poll() is None, "the run ended before the pairs stage started"
+            assert proc.poll() is None, "the run ended before the pairs stage started: " + _ended(proc, log)
             assert time.monotonic() < deadline, "pairs stage never started"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_group(proc)
     assert not (workdir / "pairs").exists()
     finished = {s: (workdir / s / "manifest.json").read_bytes() for s in ("corpus", "tokenizer")}
     files_before = {s: read_manifest(workdir / s)["files"] for s in finished}
@@ -192,7 +191,25 @@ def test_cli_reports_config_errors_and_unbuilt_stages(tmp_path):
     assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["pairs"]["dupe_factor"] == 9
 
 
-def _wait_for(what: str, check, proc: subprocess.Popen, deadline: float):
+def _start_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """The run in its own process group, its output in `log` so that a failure can say why it ended."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ended(proc: subprocess.Popen, log: Path) -> str:
+    return f"exit {proc.returncode}; its output ends:\n{log.read_text(errors='replace')[-3000:]}"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had already ended: the assertion that saw it says why
+        pass
+    proc.wait(timeout=60)
+
+
+def _wait_for(what: str, check, proc: subprocess.Popen, log: Path, deadline: float):
     """Poll `check()` until it returns something truthy; fail if `proc` exits first or time runs out.
     A store read that hits the writer's lock (sqlite) is retried."""
     from mlflow.exceptions import MlflowException
@@ -204,7 +221,7 @@ def _wait_for(what: str, check, proc: subprocess.Popen, deadline: float):
             found = None
         if found:
             return found
-        assert proc.poll() is None, f"the run ended before {what}"
+        assert proc.poll() is None, f"the run ended before {what}: " + _ended(proc, log)
         assert time.monotonic() < deadline, f"{what}: not within the time allowed"
         time.sleep(0.05)
 
@@ -217,12 +234,13 @@ def test_rerun_marks_the_runs_a_kill_9_left_running_as_killed(tmp_path, text_cor
     import mlflow
 
     workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "killed-run.log"
+    proc = _start_logged(cmd, env, log)
     deadline = time.monotonic() + 240
     try:
         # The run creates the store (and its tables): open it only once a later stage is being built.
-        _wait_for("the pairs stage started", lambda: list((workdir / ".partial").glob("pairs-*")), proc, deadline)
+        _wait_for("the pairs stage started", lambda: list((workdir / ".partial").glob("pairs-*")), proc, log,
+                  deadline)
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
         exp_id = client.get_experiment_by_name("lightbert").experiment_id
 
@@ -230,10 +248,9 @@ def test_rerun_marks_the_runs_a_kill_9_left_running_as_killed(tmp_path, text_cor
             runs = client.search_runs([exp_id], filter_string="tags.`lightbert.stage` = 'pairs'")
             return [r for r in runs if r.info.status == "RUNNING"]
 
-        killed_pairs = _wait_for("a RUNNING pairs stage run", running_pairs_run, proc, deadline)[0]
+        killed_pairs = _wait_for("a RUNNING pairs stage run", running_pairs_run, proc, log, deadline)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        _kill_group(proc)
     killed_parent_id = killed_pairs.data.tags["mlflow.parentRunId"]
     assert client.get_run(killed_parent_id).info.status == "RUNNING"  # what the UI showed forever
     assert killed_pairs.data.tags["lightbert.workdir"] == str(workdir.resolve())
