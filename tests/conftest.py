@@ -43,12 +43,14 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """A real (temporary, local) Prefect server for the flow tests, with its own PREFECT_HOME."""
+    """A real (temporary, local) Prefect server for the flow tests, with its own PREFECT_HOME. Yields its API
+    URL, for a `lightbert` subprocess to use as a user's server (PREFECT_API_URL)."""
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 WORDS = (

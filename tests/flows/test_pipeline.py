@@ -134,23 +134,26 @@ def _cli(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "lightbert"), *args]
 
 
-def _slow_pairs_run(tmp_path: Path, text_corpus: Path) -> tuple[Path, list[str], dict[str, str]]:
+def _slow_pairs_run(tmp_path: Path, text_corpus: Path, api_url: str) -> tuple[Path, list[str], dict[str, str]]:
     """(workdir, command, env) of a `lightbert run --until pairs` whose pairs stage lasts long enough to be
     killed in the middle: a shard per two documents, 1,500 copies each. Measured here: 60 copies in one shard
-    took 0.3 s and the stage sometimes ended before a poll saw its MLflow run; 600 copies in 23 shards 2.7 s."""
+    took 0.3 s and the stage sometimes ended before a poll saw its MLflow run; 600 copies in 23 shards 2.7 s.
+    The runs use the session's Prefect server (`api_url`), as a user with a server does: a temporary server
+    per run took 20-30 s to start on a slow 2-core machine, and each of these tests runs the CLI twice."""
     conf = tmp_path / "tiny.yaml"
     cfg, _ = load_config("smoke", overrides=tiny_overrides(text_corpus, "pairs.dupe_factor=1500",
                                                            "pairs.chunk_documents=2"))
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=api_url)
     workdir = tmp_path / "wd"
     return workdir, _cli("run", "--preset", "smoke", "--config", str(conf), "--workdir", str(workdir), "--until",
                          "pairs"), env
 
 
 @pytest.mark.slow
-def test_cli_resumes_after_kill_9_without_redoing_finished_stages(tmp_path, text_corpus):
-    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
+def test_cli_resumes_after_kill_9_without_redoing_finished_stages(prefect_harness, tmp_path, text_corpus):
+    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus, prefect_harness)
     log = tmp_path / "killed-run.log"
     proc = _start_logged(cmd, env, log)
     deadline = time.monotonic() + 240
@@ -227,13 +230,13 @@ def _wait_for(what: str, check, proc: subprocess.Popen, log: Path, deadline: flo
 
 
 @pytest.mark.slow
-def test_rerun_marks_the_runs_a_kill_9_left_running_as_killed(tmp_path, text_corpus):
+def test_rerun_marks_the_runs_a_kill_9_left_running_as_killed(prefect_harness, tmp_path, text_corpus):
     """A run killed with kill -9 cannot end its MLflow runs: the next run on the workdir (holding the
     workdir lock, so the killed one is surely dead) marks them KILLED and tags them with itself. Runs of
     another workdir, or of this path on another host, stay as they are."""
     import mlflow
 
-    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus)
+    workdir, cmd, env = _slow_pairs_run(tmp_path, text_corpus, prefect_harness)
     log = tmp_path / "killed-run.log"
     proc = _start_logged(cmd, env, log)
     deadline = time.monotonic() + 240
